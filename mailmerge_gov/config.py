@@ -1,0 +1,655 @@
+"""consolidation.toml → frozen dataclasses; errors name the file, the key and the line."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import jinja2
+
+from mailmerge_gov import tomlpos
+
+T = TypeVar("T")
+
+PRESETS = ("openldap", "ad", "zimbra")
+IMAP_LOGINS = ("user", "master", "authzid")
+
+# Keys people reach for when they want to write a password into the file. They are refused
+# with the two safe ways instead, so a secret never ends up in a file that gets copied,
+# committed or attached to a ticket.
+_LITERAL_SECRET_KEYS = {
+    "password", "passwd", "pass", "pw", "secret", "secrets", "bind_password",
+    "master_password", "admin_password", "token", "api_key", "srs_secret",
+}
+_SECRET_HELP = (
+    'literal passwords are not allowed in the configuration; use password_env = "VARIABLE" '
+    '(read from the environment) or password_file = "/path/to/file" (first line of a file '
+    "readable only by the service)"
+)
+_DOMAIN = re.compile(r"^(?=.{1,253}$)(?!-)[a-z0-9-]{1,63}(?<!-)(\.(?!-)[a-z0-9-]{1,63}(?<!-))+$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_CODE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]*$")
+_TEMPLATE_ENV = jinja2.Environment(autoescape=False)
+
+
+class ConfigError(Exception):
+    """The configuration file cannot be used; the message names file, line and key."""
+
+
+class SecretError(Exception):
+    """A secret named by the configuration cannot be read."""
+
+
+@dataclass(frozen=True)
+class Secret:
+    """Where a password comes from: an environment variable or a file, never the config."""
+
+    env: str | None = None
+    file: Path | None = None
+
+    def describe(self) -> str:
+        """Say where the secret is read from, without revealing it."""
+        return f"environment variable {self.env}" if self.env else f"file {self.file}"
+
+    def reveal(self) -> str:
+        """Read the secret now; raise SecretError saying what is missing."""
+        if self.env:
+            value = os.environ.get(self.env)
+            if value is None:
+                raise SecretError(f"environment variable {self.env} is not set")
+            return value
+        assert self.file is not None
+        try:
+            text = self.file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SecretError(f"cannot read password file {self.file}: {exc.strerror}") from exc
+        lines = text.splitlines()
+        if not lines or not lines[0]:
+            raise SecretError(f"password file {self.file} is empty")
+        return lines[0]
+
+
+@dataclass(frozen=True)
+class LdapServer:
+    """An LDAP directory server and how to bind to it."""
+
+    url: str
+    base_dn: str
+    bind_dn: str | None = None
+    password: Secret | None = None
+    starttls: bool = False
+    ca_file: Path | None = None
+    timeout: float = 10.0
+
+    @property
+    def host(self) -> str:
+        """Host name from the URL."""
+        return urlsplit(self.url).hostname or ""
+
+    @property
+    def port(self) -> int:
+        """Port from the URL, or the scheme's default."""
+        parts = urlsplit(self.url)
+        return parts.port or (636 if parts.scheme == "ldaps" else 389)
+
+    @property
+    def use_ssl(self) -> bool:
+        """Whether the URL asks for LDAP over TLS (ldaps)."""
+        return urlsplit(self.url).scheme == "ldaps"
+
+
+@dataclass(frozen=True)
+class DirectoryConfig:
+    """Where a directory is read from or written to: an LDAP server, an LDIF or a CSV file."""
+
+    kind: str  # "ldap", "ldif" or "csv"
+    ldap: LdapServer | None = None
+    path: Path | None = None
+    preset: str = "openldap"
+    attributes: tuple[tuple[str, str], ...] = ()
+    hr_csv: Path | None = None
+
+
+@dataclass(frozen=True)
+class MailServer:
+    """Where mailboxes live: an IMAP or EWS server, or a Maildir / mbox folder on disk."""
+
+    kind: str  # "imap", "ews", "maildir" or "mbox"
+    url: str | None = None
+    path: Path | None = None
+    admin_user: str | None = None
+    password: Secret | None = None
+    login: str = "user"
+    master_separator: str = "*"
+    probe_mailbox: str | None = None
+    starttls: bool = False
+    ca_file: Path | None = None
+    timeout: float = 30.0
+    max_connections: int = 4
+
+    @property
+    def host(self) -> str:
+        """Host name from the URL."""
+        return urlsplit(self.url or "").hostname or ""
+
+    @property
+    def port(self) -> int:
+        """Port from the URL, or the scheme's default."""
+        parts = urlsplit(self.url or "")
+        defaults = {"imap": 143, "imaps": 993, "http": 80, "https": 443}
+        return parts.port or defaults.get(parts.scheme, 0)
+
+    @property
+    def use_ssl(self) -> bool:
+        """Whether the URL asks for implicit TLS (imaps, https)."""
+        return urlsplit(self.url or "").scheme in ("imaps", "https")
+
+
+@dataclass(frozen=True)
+class Source:
+    """One old unit whose directory and mail system are being consolidated."""
+
+    name: str
+    unit_name: str
+    code: str
+    domains: tuple[str, ...]
+    directory: DirectoryConfig
+    mail: MailServer | None = None
+
+
+@dataclass(frozen=True)
+class Target:
+    """The new, merged unit."""
+
+    name: str
+    code: str
+    mail_domain: str
+    base_dn: str
+    directory: DirectoryConfig | None = None
+    mail: MailServer | None = None
+
+
+@dataclass(frozen=True)
+class Addressing:
+    """How new addresses are made: ordered patterns, reserved names, who keeps theirs."""
+
+    patterns: tuple[str, ...]
+    reserved: tuple[str, ...] = ()
+    keep_addresses_of: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Relay:
+    """Settings of the forwarding relay daemon."""
+
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 2525
+    hostname: str = "localhost"
+    next_hop: str | None = None
+    max_message_size: int = 50 * 1024 * 1024
+    max_recipients: int = 100
+
+    @property
+    def next_hop_host(self) -> str:
+        """Host of the next hop URL."""
+        return urlsplit(self.next_hop or "").hostname or ""
+
+    @property
+    def next_hop_port(self) -> int:
+        """Port of the next hop URL, or 25 (465 for smtps)."""
+        parts = urlsplit(self.next_hop or "")
+        return parts.port or (465 if parts.scheme == "smtps" else 25)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole consolidation: project, new unit, old units, policy, transition, relay."""
+
+    path: Path
+    name: str
+    state_file: Path
+    target: Target
+    sources: tuple[Source, ...]
+    addressing: Addressing
+    transition_ends: dt.date
+    relay: Relay = field(default_factory=Relay)
+
+    @property
+    def base_dir(self) -> Path:
+        """The folder relative paths in the file are resolved against."""
+        return self.path.parent
+
+    def source(self, name: str) -> Source:
+        """Return the source with this name; KeyError if there is none."""
+        for source in self.sources:
+            if source.name == name:
+                return source
+        raise KeyError(name)
+
+
+class _Table:
+    """One TOML table being read: typed getters, and unknown keys reported at the end."""
+
+    def __init__(self, loader: "_Loader", data: dict[str, Any], path: tomlpos.Path) -> None:
+        self.loader = loader
+        self.data = data
+        self.path = path
+        self.seen: set[str] = set()
+
+    def error(self, key: str | None, message: str) -> ConfigError:
+        """Build an error pointing at a key of this table (or the table itself)."""
+        path = self.path + ((key,) if key is not None else ())
+        return self.loader.error(path, message)
+
+    def get(self, key: str, kind: type[T], default: T | None = None, required: bool = False) -> T | None:
+        """Return the value of key, checked to be of kind."""
+        self.seen.add(key)
+        if key not in self.data:
+            if required:
+                raise self.error(key, "missing required key")
+            return default
+        value = self.data[key]
+        # bool is an int subclass in Python, and TOML datetimes are dates: be exact.
+        ok = isinstance(value, kind) and not (kind in (int, float) and isinstance(value, bool))
+        if kind is dt.date and isinstance(value, dt.datetime):
+            ok = False
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise self.error(key, f"expected {_KIND_NAMES[kind]}, got {_describe(value)}")
+        return value
+
+    def text(self, key: str, required: bool = False, default: str | None = None) -> str | None:
+        """Return a non-empty string value."""
+        value = self.get(key, str, default, required)
+        if value is not None and not value.strip():
+            raise self.error(key, "must not be empty")
+        return value
+
+    def strings(self, key: str, required: bool = False) -> tuple[str, ...]:
+        """Return a list of non-empty strings as a tuple."""
+        value = self.get(key, list, None, required)
+        if value is None:
+            return ()
+        for item in value:
+            if not isinstance(item, str) or not item.strip():
+                raise self.error(key, f"expected a list of non-empty strings, found {_describe(item)}")
+        if required and not value:
+            raise self.error(key, "must list at least one value")
+        return tuple(value)
+
+    def table(self, key: str, required: bool = False) -> _Table | None:
+        """Return a sub-table reader."""
+        value = self.get(key, dict, None, required)
+        return None if value is None else _Table(self.loader, value, self.path + (key,))
+
+    def tables(self, key: str) -> list[_Table]:
+        """Return readers for an array of tables."""
+        value = self.get(key, list, None)
+        if value is None:
+            return []
+        result = []
+        for index, item in enumerate(value):
+            if not isinstance(item, dict):
+                raise self.error(key, f"expected [[{key}]] tables, found {_describe(item)}")
+            result.append(_Table(self.loader, item, self.path + (key, index)))
+        return result
+
+    def path_value(self, key: str, required: bool = False) -> Path | None:
+        """Return a file path, relative paths resolved against the config's folder."""
+        value = self.text(key, required)
+        return None if value is None else self.loader.resolve(value)
+
+    def secret(self) -> Secret | None:
+        """Return the password source of this table, if it names one."""
+        for key in self.data:
+            if key.lower() in _LITERAL_SECRET_KEYS:
+                raise self.error(key, _SECRET_HELP)
+        env = self.text("password_env")
+        file = self.path_value("password_file")
+        if env and file:
+            raise self.error("password_file", "give password_env or password_file, not both")
+        if env and not _ENV_NAME.match(env):
+            raise self.error("password_env", f"'{env}' is not an environment variable name")
+        if env or file:
+            return Secret(env=env, file=file)
+        return None
+
+    def one_of(self, keys: tuple[str, ...], what: str) -> str:
+        """Return the one key of keys that is present; error if none or several are."""
+        present = [key for key in keys if key in self.data]
+        if len(present) != 1:
+            listed = ", ".join(keys)
+            found = "none" if not present else " and ".join(present)
+            key = present[1] if len(present) > 1 else None
+            raise self.error(key, f"{what} needs exactly one of {listed}; found {found}")
+        return present[0]
+
+    def finish(self) -> None:
+        """Refuse keys nobody asked for: typos must not be ignored silently."""
+        for key in self.data:
+            if key in self.seen:
+                continue
+            if key.lower() in _LITERAL_SECRET_KEYS:
+                raise self.error(key, _SECRET_HELP)
+            raise self.error(key, f"unknown key '{key}'")
+
+
+_KIND_NAMES: dict[type, str] = {
+    str: "a string", int: "an integer", float: "a number", bool: "true or false",
+    list: "a list", dict: "a table", dt.date: "a date like 2026-06-30 (written without quotes)",
+}
+
+
+def _describe(value: Any) -> str:
+    """Name the TOML type of a value for an error message."""
+    if isinstance(value, bool):
+        return f"a boolean ({str(value).lower()})"
+    if isinstance(value, dt.datetime):
+        return f"a date-time ({value.isoformat()})"
+    for kind in (int, float, dt.date):
+        if isinstance(value, kind):
+            return f"{_KIND_NAMES[kind].split(' like')[0]} ({value})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a table"
+    return type(value).__name__
+
+
+class _Loader:
+    """State of reading one file: its path, its text and the lines of its keys."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.display = path
+        self.path = path.absolute()
+        self.lines = tomlpos.key_lines(text)
+
+    def dotted(self, path: tomlpos.Path) -> str:
+        """Show a key path as people write it: sources[2].directory.ldif (counted from 1)."""
+        out = ""
+        for part in path:
+            out += f"[{part + 1}]" if isinstance(part, int) else (f".{part}" if out else part)
+        return out
+
+    def error(self, path: tomlpos.Path, message: str) -> ConfigError:
+        """Build an error naming the file, the line and the key."""
+        line = tomlpos.line_of(self.lines, path)
+        where = f"{self.display}, line {line}" if line else str(self.display)
+        key = self.dotted(path)
+        return ConfigError(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+
+    def resolve(self, value: str) -> Path:
+        """Resolve a path from the file against the file's folder."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() else (self.path.parent / path)
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and check a consolidation file; raise ConfigError naming file, line and key."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the configuration: {exc.strerror}") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}, line {line}: the file is not valid UTF-8") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise _syntax_error(path, text, exc) from exc
+    loader = _Loader(path, text)
+    return _read_config(loader, _Table(loader, data, ()))
+
+
+def _syntax_error(path: Path, text: str, exc: tomllib.TOMLDecodeError) -> ConfigError:
+    """Name the line and key of a TOML syntax error, and quote the line."""
+    match = re.search(r"\(at line (\d+), column (\d+)\)", str(exc))
+    if not match:
+        return ConfigError(f"{path}: not valid TOML: {exc}")
+    number = int(match.group(1))
+    reason = str(exc)[: match.start()].strip()
+    lines = text.splitlines()
+    quoted = lines[number - 1].strip() if number <= len(lines) else ""
+    # The keys up to the bad line are still readable, so the message can name the key too.
+    keys = [key for key, line in tomlpos.key_lines("\n".join(lines[:number])).items() if line == number]
+    key = _Loader(path, "").dotted(max(keys, key=len)) + ": " if keys else ""
+    return ConfigError(f"{path}, line {number}: {key}not valid TOML: {reason} (column {match.group(2)}): {quoted}")
+
+
+def _read_config(loader: _Loader, root: _Table) -> Config:
+    """Build the Config from the top-level table."""
+    project = root.table("project", required=True)
+    name = project.text("name", required=True)
+    state_file = project.path_value("state_file", required=True)
+    project.finish()
+
+    target_table = root.table("target", required=True)
+    source_tables = root.tables("sources")
+    if not source_tables:
+        raise root.error(None, "at least one [[sources]] table is required (one per old unit)")
+    sources = tuple(_read_source(table) for table in source_tables)
+    _check_unique(source_tables, sources)
+    target = _read_target(target_table)
+
+    addressing = _read_addressing(root.table("addressing", required=True), sources)
+    transition = root.table("transition", required=True)
+    ends = transition.get("ends", dt.date, required=True)
+    transition.finish()
+    relay_table = root.table("relay")
+    relay = _read_relay(relay_table) if relay_table else Relay()
+    root.finish()
+    return Config(
+        path=loader.path, name=name, state_file=state_file, target=target, sources=sources,
+        addressing=addressing, transition_ends=ends, relay=relay,
+    )
+
+
+def _read_target(table: _Table) -> Target:
+    """Read [target]: the new unit."""
+    base_dn = table.text("base_dn", required=True)
+    directory_table = table.table("directory")
+    mail_table = table.table("mail")
+    target = Target(
+        name=table.text("name", required=True),
+        code=_code(table, "code"),
+        mail_domain=_domain(table, "mail_domain", table.text("mail_domain", required=True)),
+        base_dn=base_dn,
+        directory=_read_directory(directory_table, ("ldap", "ldif"), base_dn) if directory_table else None,
+        mail=_read_mail(mail_table) if mail_table else None,
+    )
+    table.finish()
+    return target
+
+
+def _read_source(table: _Table) -> Source:
+    """Read one [[sources]] table: an old unit."""
+    name = table.text("name", required=True)
+    if not re.match(r"^[a-z0-9][a-z0-9_-]*$", name):
+        raise table.error("name", f"'{name}' must be a short ASCII name (a-z, 0-9, - and _), used in files and logs")
+    domains = table.strings("domains", required=True)
+    mail_table = table.table("mail")
+    source = Source(
+        name=name,
+        unit_name=table.text("unit_name", required=True),
+        code=_code(table, "code"),
+        domains=tuple(_domain(table, "domains", domain) for domain in domains),
+        directory=_read_directory(table.table("directory", required=True), ("ldap", "ldif", "csv"), None),
+        mail=_read_mail(mail_table) if mail_table else None,
+    )
+    table.finish()
+    return source
+
+
+def _read_directory(table: _Table, kinds: tuple[str, ...], default_base: str | None) -> DirectoryConfig:
+    """Read a directory table: ldap_url + base_dn, ldif or csv."""
+    keys = {"ldap": "ldap_url", "ldif": "ldif", "csv": "csv"}
+    kind = {v: k for k, v in keys.items()}[table.one_of(tuple(keys[k] for k in kinds), "a directory")]
+    preset = table.text("preset", default="openldap")
+    if preset not in PRESETS:
+        raise table.error("preset", f"unknown preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    ldap = None
+    path = None
+    if kind == "ldap":
+        url = table.text("ldap_url")
+        scheme = urlsplit(url).scheme
+        if scheme not in ("ldap", "ldaps") or not urlsplit(url).hostname:
+            raise table.error("ldap_url", f"'{url}' is not an ldap:// or ldaps:// URL with a host")
+        base_dn = table.text("base_dn", required=default_base is None) or default_base
+        starttls = table.get("starttls", bool, False)
+        if starttls and scheme == "ldaps":
+            raise table.error("starttls", "starttls is for ldap:// URLs; ldaps:// is TLS already")
+        bind_dn = table.text("bind_dn")
+        password = table.secret()
+        if bind_dn and password is None:
+            raise table.error("bind_dn", "a bind_dn needs password_env or password_file")
+        ldap = LdapServer(
+            url=url, base_dn=base_dn, bind_dn=bind_dn, password=password, starttls=starttls,
+            ca_file=table.path_value("ca_file"), timeout=_positive(table, "timeout", 10.0),
+        )
+    else:
+        path = table.path_value(keys[kind])
+    attributes = table.table("attributes")
+    pairs: tuple[tuple[str, str], ...] = ()
+    if attributes:
+        pairs = tuple(sorted((key, attributes.text(key, required=True)) for key in attributes.data))
+        attributes.finish()
+    directory = DirectoryConfig(
+        kind=kind, ldap=ldap, path=path, preset=preset, attributes=pairs,
+        hr_csv=table.path_value("hr_csv"),
+    )
+    table.finish()
+    return directory
+
+
+def _read_mail(table: _Table) -> MailServer:
+    """Read a mail table: imap_url, ews_url, maildir or mbox."""
+    keys = {"imap_url": "imap", "ews_url": "ews", "maildir": "maildir", "mbox": "mbox"}
+    key = table.one_of(tuple(keys), "a mail server")
+    kind = keys[key]
+    if kind in ("maildir", "mbox"):
+        server = MailServer(kind=kind, path=table.path_value(key))
+        table.finish()
+        return server
+    url = table.text(key)
+    schemes = ("imap", "imaps") if kind == "imap" else ("http", "https")
+    if urlsplit(url).scheme not in schemes or not urlsplit(url).hostname:
+        raise table.error(key, f"'{url}' is not a {' or '.join(s + '://' for s in schemes)} URL with a host")
+    login = table.text("login", default="user")
+    if login not in IMAP_LOGINS:
+        raise table.error("login", f"unknown login '{login}'; choose one of {', '.join(IMAP_LOGINS)}")
+    starttls = table.get("starttls", bool, False)
+    if starttls and urlsplit(url).scheme != "imap":
+        raise table.error("starttls", "starttls is for imap:// URLs")
+    admin_user = table.text("admin_user")
+    password = table.secret()
+    if admin_user and password is None:
+        raise table.error("admin_user", "an admin_user needs password_env or password_file")
+    server = MailServer(
+        kind=kind, url=url, admin_user=admin_user, password=password, login=login,
+        master_separator=table.text("master_separator", default="*"),
+        probe_mailbox=table.text("probe_mailbox"), starttls=starttls,
+        ca_file=table.path_value("ca_file"), timeout=_positive(table, "timeout", 30.0),
+        max_connections=int(_positive(table, "max_connections", 4, integer=True)),
+    )
+    table.finish()
+    return server
+
+
+def _read_addressing(table: _Table, sources: tuple[Source, ...]) -> Addressing:
+    """Read [addressing]: address patterns, reserved names, units that keep their addresses."""
+    patterns = table.strings("patterns", required=True)
+    for pattern in patterns:
+        try:
+            _TEMPLATE_ENV.parse(pattern)
+        except jinja2.TemplateSyntaxError as exc:
+            raise table.error("patterns", f"pattern {pattern!r} is not a valid jinja2 template: {exc.message}") from exc
+    keep = table.strings("keep_addresses_of")
+    names = [source.name for source in sources]
+    for name in keep:
+        if name not in names:
+            raise table.error("keep_addresses_of", f"'{name}' is not the name of a [[sources]] table ({', '.join(names)})")
+    reserved = tuple(local.lower() for local in table.strings("reserved"))
+    addressing = Addressing(patterns=patterns, reserved=reserved, keep_addresses_of=keep)
+    table.finish()
+    return addressing
+
+
+def _read_relay(table: _Table) -> Relay:
+    """Read [relay]: the forwarding daemon's settings."""
+    listen = table.text("listen", default="127.0.0.1:2525")
+    host, port = _host_port(table, "listen", listen)
+    next_hop = table.text("next_hop")
+    if next_hop is not None:
+        parts = urlsplit(next_hop)
+        if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
+            raise table.error("next_hop", f"'{next_hop}' is not an smtp:// or smtps:// URL with a host")
+    relay = Relay(
+        listen_host=host, listen_port=port, hostname=table.text("hostname", default="localhost"),
+        next_hop=next_hop,
+        max_message_size=int(_positive(table, "max_message_size", 50 * 1024 * 1024, integer=True)),
+        max_recipients=int(_positive(table, "max_recipients", 100, integer=True)),
+    )
+    table.finish()
+    return relay
+
+
+def _host_port(table: _Table, key: str, value: str) -> tuple[str, int]:
+    """Split 'host:port' or '[v6]:port'."""
+    match = re.match(r"^(?:\[([0-9a-fA-F:]+)\]|([^:\[\]]+)):(\d{1,5})$", value)
+    if not match or not 0 < int(match.group(3)) < 65536:
+        raise table.error(key, f"'{value}' is not host:port (use [::1]:25 for IPv6)")
+    return match.group(1) or match.group(2), int(match.group(3))
+
+
+def _positive(table: _Table, key: str, default: float, integer: bool = False) -> float:
+    """Return a positive number (an integer when asked)."""
+    value = table.get(key, int if integer else float, default)
+    if value <= 0:
+        raise table.error(key, f"must be greater than 0, got {value}")
+    return value
+
+
+def _code(table: _Table, key: str) -> str:
+    """Return an official unit code; TOML integers are accepted and kept as written."""
+    value = table.data.get(key)
+    if isinstance(value, int) and not isinstance(value, bool):
+        # Codes like 79 are codes, not numbers: leading zeros (e.g. ward 26734 vs 02) matter.
+        raise table.error(key, f'write the code as a string ("{value}") so leading zeros are kept')
+    code = table.text(key, required=True)
+    if not _CODE.match(code):
+        raise table.error(key, f"'{code}' is not a unit code (letters, digits, '.', '-', '_')")
+    return code
+
+
+def _domain(table: _Table, key: str, value: str) -> str:
+    """Return a lower-cased mail domain, checked for shape."""
+    domain = value.strip().lower().rstrip(".")
+    if not _DOMAIN.match(domain):
+        raise table.error(key, f"'{value}' is not a mail domain")
+    return domain
+
+
+def _check_unique(tables: list[_Table], sources: tuple[Source, ...]) -> None:
+    """Refuse a source name, unit code or domain given twice."""
+    seen: dict[tuple[str, str], int] = {}
+    for index, source in enumerate(sources):
+        values = [("name", source.name), ("code", source.code)] + [("domains", d) for d in source.domains]
+        for key, value in values:
+            earlier = seen.get((key, value))
+            if earlier is not None:
+                first = tables[earlier].loader.dotted(tables[earlier].path)
+                raise tables[index].error(key, f"'{value}' is given twice (also in {first})")
+            seen[(key, value)] = index
+
