@@ -1,0 +1,138 @@
+"""Shared pytest fixtures: real servers on loopback ports (see tests/servers.py) and the example folder."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+# tests/ has no __init__.py, so pytest puts tests/ itself on sys.path ("prepend" import mode)
+from servers import DovecotServer, ServerNotInstalled, SlapdServer, SmtpSink, free_port as pick_free_port
+
+TESTS_DIR = Path(__file__).resolve().parent
+
+# the merger the tests use: Bình Dương (74) and Bà Rịa–Vũng Tàu (77) into Thành phố Hồ Chí Minh (79)
+NEW_SUFFIX = "dc=hcm,dc=gov,dc=vn"
+OLD_SUFFIXES = ("dc=binhduong,dc=gov,dc=vn", "dc=baria-vungtau,dc=gov,dc=vn")
+SUFFIXES = (NEW_SUFFIX, *OLD_SUFFIXES)
+
+
+def started[S: (SlapdServer, DovecotServer, SmtpSink)](server: S) -> S:
+    """Start `server`; a missing program fails the test with the Debian packages to install (never a skip)."""
+    try:
+        server.start()
+    except ServerNotInstalled as exc:
+        missing = str(exc)
+    else:
+        return server
+    # outside the except block, so that the report shows the one message and no exception chain
+    pytest.fail(missing, pytrace=False)
+
+
+@pytest.fixture
+def free_port() -> Callable[[], int]:
+    """Return a function that picks a free TCP port on 127.0.0.1."""
+    return pick_free_port
+
+
+@pytest.fixture(scope="session")
+def example_dir() -> Path:
+    """Path of the bundled sample consolidation, examples/hcm-merger."""
+    return TESTS_DIR.parent / "examples" / "hcm-merger"
+
+
+@pytest.fixture(scope="session")
+def slapd() -> Iterator[SlapdServer]:
+    """One private slapd serving the new unit's suffix and the two old units' suffixes."""
+    server = started(SlapdServer(SUFFIXES))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def dovecot_old() -> Iterator[DovecotServer]:
+    """The old units' mail server: a private Dovecot with IMAP and LMTP."""
+    server = started(DovecotServer("old"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def dovecot_new() -> Iterator[DovecotServer]:
+    """The new unit's mail server: a second private Dovecot, independent of dovecot_old."""
+    server = started(DovecotServer("new"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def smtp_sink() -> Iterator[SmtpSink]:
+    """A fresh Postfix smtp-sink per test: a real SMTP partner that keeps what it receives."""
+    server = started(SmtpSink())
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def write_config(tmp_path: Path) -> Callable[..., Path]:
+    """Return a function that writes a consolidation file into tmp_path and returns its path."""
+
+    def write(text: str = FILES_ONLY_CONFIG, **values: object) -> Path:
+        path = tmp_path / "consolidation.toml"
+        path.write_text(text.format(**values) if values else text, encoding="utf-8")
+        return path
+
+    return write
+
+
+# A consolidation whose directories and mailboxes are all files: no server to start.
+FILES_ONLY_CONFIG = """\
+[project]
+name = "Thử nghiệm"
+state_file = "state.sqlite"
+
+[target]
+name = "Thành phố Hồ Chí Minh"
+code = "79"
+mail_domain = "hcm.gov.vn"
+base_dn = "dc=hcm,dc=gov,dc=vn"
+
+[target.directory]
+ldif = "out/new.ldif"
+
+[[sources]]
+name = "hcm"
+unit_name = "Thành phố Hồ Chí Minh"
+code = "79"
+domains = ["hcm.gov.vn"]
+
+[sources.directory]
+ldif = "hcm.ldif"
+
+[[sources]]
+name = "binhduong"
+unit_name = "Tỉnh Bình Dương"
+code = "74"
+domains = ["binhduong.gov.vn"]
+
+[sources.directory]
+csv = "bd.csv"
+
+[sources.mail]
+maildir = "bd-mail"
+
+[addressing]
+patterns = ["{{ given }}{{ initials }}"]
+
+[transition]
+ends = 2026-06-30
+"""
