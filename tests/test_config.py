@@ -60,9 +60,10 @@ def test_example_config_loads(example_dir: Path) -> None:
     assert config.name == "Hợp nhất Thành phố Hồ Chí Minh 2025"
     assert config.state_file == example_dir / "state" / "hcm-merger.sqlite"
     assert [(s.name, s.code, s.domains, s.directory.preset) for s in config.sources] == [
-        ("hcm", "79", ("hcm.gov.vn",), "openldap"),
-        ("binhduong", "74", ("binhduong.gov.vn", "sotc.binhduong.gov.vn"), "ad"),
-        ("baria-vungtau", "77", ("baria-vungtau.gov.vn",), "zimbra"),
+        ("hcm", "79", ("hcm.gov.vn", "tphcm.gov.vn"), "openldap"),
+        ("binhduong", "74", ("binhduong.gov.vn", "sotc.binhduong.gov.vn", "sotp.binhduong.gov.vn",
+                             "soyt.binhduong.gov.vn"), "ad"),
+        ("baria-vungtau", "77", ("baria-vungtau.gov.vn", "brvt.gov.vn"), "zimbra"),
     ]
     assert config.source("binhduong").directory.hr_csv == example_dir / "sources/binhduong/hr.csv"
     assert config.target.mail_domain == "hcm.gov.vn"
