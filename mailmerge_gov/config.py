@@ -38,6 +38,21 @@ _CODE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z._-]*$")
 _TEMPLATE_ENV = jinja2.Environment(autoescape=False)
 
 
+_DEFAULT_PORTS = {"ldap": 389, "ldaps": 636, "imap": 143, "imaps": 993, "http": 80, "https": 443,
+                  "smtp": 25, "smtps": 465}
+
+
+def url_host(url: str) -> str:
+    """Return the host of a server URL."""
+    return urlsplit(url).hostname or ""
+
+
+def url_port(url: str) -> int:
+    """Return the port of a server URL, or its scheme's well-known port."""
+    parts = urlsplit(url)
+    return parts.port or _DEFAULT_PORTS.get(parts.scheme, 0)
+
+
 class ConfigError(Exception):
     """The configuration file cannot be used; the message names file, line and key."""
 
@@ -90,13 +105,12 @@ class LdapServer:
     @property
     def host(self) -> str:
         """Host name from the URL."""
-        return urlsplit(self.url).hostname or ""
+        return url_host(self.url)
 
     @property
     def port(self) -> int:
         """Port from the URL, or the scheme's default."""
-        parts = urlsplit(self.url)
-        return parts.port or (636 if parts.scheme == "ldaps" else 389)
+        return url_port(self.url)
 
     @property
     def use_ssl(self) -> bool:
@@ -136,14 +150,12 @@ class MailServer:
     @property
     def host(self) -> str:
         """Host name from the URL."""
-        return urlsplit(self.url or "").hostname or ""
+        return url_host(self.url or "")
 
     @property
     def port(self) -> int:
         """Port from the URL, or the scheme's default."""
-        parts = urlsplit(self.url or "")
-        defaults = {"imap": 143, "imaps": 993, "http": 80, "https": 443}
-        return parts.port or defaults.get(parts.scheme, 0)
+        return url_port(self.url or "")
 
     @property
     def use_ssl(self) -> bool:
@@ -198,13 +210,12 @@ class Relay:
     @property
     def next_hop_host(self) -> str:
         """Host of the next hop URL."""
-        return urlsplit(self.next_hop or "").hostname or ""
+        return url_host(self.next_hop or "")
 
     @property
     def next_hop_port(self) -> int:
         """Port of the next hop URL, or 25 (465 for smtps)."""
-        parts = urlsplit(self.next_hop or "")
-        return parts.port or (465 if parts.scheme == "smtps" else 25)
+        return url_port(self.next_hop or "")
 
 
 @dataclass(frozen=True)

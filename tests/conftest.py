@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 # tests/ has no __init__.py, so pytest puts tests/ itself on sys.path ("prepend" import mode)
+import configs
 from servers import DovecotServer, ServerNotInstalled, SlapdServer, SmtpSink, free_port as pick_free_port
 
 TESTS_DIR = Path(__file__).resolve().parent
@@ -86,53 +87,10 @@ def smtp_sink() -> Iterator[SmtpSink]:
 def write_config(tmp_path: Path) -> Callable[..., Path]:
     """Return a function that writes a consolidation file into tmp_path and returns its path."""
 
-    def write(text: str = FILES_ONLY_CONFIG, **values: object) -> Path:
+    def write(text: str = configs.FILES_ONLY) -> Path:
         path = tmp_path / "consolidation.toml"
-        path.write_text(text.format(**values) if values else text, encoding="utf-8")
+        path.write_text(text, encoding="utf-8")
         return path
 
     return write
 
-
-# A consolidation whose directories and mailboxes are all files: no server to start.
-FILES_ONLY_CONFIG = """\
-[project]
-name = "Thử nghiệm"
-state_file = "state.sqlite"
-
-[target]
-name = "Thành phố Hồ Chí Minh"
-code = "79"
-mail_domain = "hcm.gov.vn"
-base_dn = "dc=hcm,dc=gov,dc=vn"
-
-[target.directory]
-ldif = "out/new.ldif"
-
-[[sources]]
-name = "hcm"
-unit_name = "Thành phố Hồ Chí Minh"
-code = "79"
-domains = ["hcm.gov.vn"]
-
-[sources.directory]
-ldif = "hcm.ldif"
-
-[[sources]]
-name = "binhduong"
-unit_name = "Tỉnh Bình Dương"
-code = "74"
-domains = ["binhduong.gov.vn"]
-
-[sources.directory]
-csv = "bd.csv"
-
-[sources.mail]
-maildir = "bd-mail"
-
-[addressing]
-patterns = ["{{ given }}{{ initials }}"]
-
-[transition]
-ends = 2026-06-30
-"""

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import configs
 import pytest
 from click.testing import CliRunner
 
@@ -72,75 +73,6 @@ def test_check_with_files_only(write_config) -> None:
     ))
 
 
-SERVERS_CONFIG = """\
-[project]
-name = "Thử nghiệm"
-state_file = "state.sqlite"
-
-[target]
-name = "Thành phố Hồ Chí Minh"
-code = "79"
-mail_domain = "hcm.gov.vn"
-base_dn = "dc=hcm,dc=gov,dc=vn"
-
-[target.directory]
-ldap_url = "ldap://127.0.0.1:{ldap_port}"
-bind_dn = "cn=admin,dc=hcm,dc=gov,dc=vn"
-password_env = "MMG_TEST_LDAP_PASSWORD"
-
-[target.mail]
-imap_url = "imap://127.0.0.1:{new_imap_port}"
-admin_user = "vanthu@hcm.gov.vn"
-password_env = "MMG_TEST_USER_PASSWORD"
-
-[[sources]]
-name = "binhduong"
-unit_name = "Tỉnh Bình Dương"
-code = "74"
-domains = ["binhduong.gov.vn"]
-
-[sources.directory]
-ldap_url = "ldap://127.0.0.1:{ldap_port}"
-base_dn = "dc=binhduong,dc=gov,dc=vn"
-bind_dn = "cn=admin,dc=binhduong,dc=gov,dc=vn"
-password_env = "MMG_TEST_LDAP_PASSWORD"
-
-[sources.mail]
-imap_url = "imap://127.0.0.1:{old_imap_port}"
-admin_user = "admin"
-password_file = "master.pw"
-login = "master"
-probe_mailbox = "vanthu@binhduong.gov.vn"
-
-[[sources]]
-name = "baria-vungtau"
-unit_name = "Tỉnh Bà Rịa – Vũng Tàu"
-code = "77"
-domains = ["baria-vungtau.gov.vn"]
-
-[sources.directory]
-ldap_url = "ldap://127.0.0.1:{ldap_port}"
-base_dn = "{brvt_base}"
-
-[sources.mail]
-imap_url = "imap://127.0.0.1:{old_imap_port}"
-admin_user = "admin"
-password_file = "master.pw"
-login = "authzid"
-probe_mailbox = "vanthu@baria-vungtau.gov.vn"
-
-[addressing]
-patterns = ["{{{{ given }}}}{{{{ initials }}}}"]
-
-[transition]
-ends = 2026-06-30
-
-[relay]
-next_hop = "smtp://127.0.0.1:{smtp_port}"
-hostname = "relay.hcm.gov.vn"
-"""
-
-
 @pytest.fixture
 def servers_config(write_config, slapd, dovecot_old, dovecot_new, smtp_sink, monkeypatch, tmp_path):
     """A consolidation naming the real slapd, both Dovecots and smtp-sink, all reachable."""
@@ -154,7 +86,24 @@ def servers_config(write_config, slapd, dovecot_old, dovecot_new, smtp_sink, mon
                   smtp_port=smtp_sink.port, brvt_base="dc=baria-vungtau,dc=gov,dc=vn")
 
     def write(**changes: object) -> Path:
-        return write_config(SERVERS_CONFIG, **{**values, **changes})
+        v = {**values, **changes}
+        ldap = f'ldap_url = "ldap://127.0.0.1:{v["ldap_port"]}"\n'
+        admin = 'password_env = "MMG_TEST_LDAP_PASSWORD"\n'
+        old_imap = f'imap_url = "imap://127.0.0.1:{v["old_imap_port"]}"\nadmin_user = "admin"\npassword_file = "master.pw"\n'
+        return write_config(configs.consolidation(
+            target=(f'\n[target.directory]\n{ldap}bind_dn = "cn=admin,dc=hcm,dc=gov,dc=vn"\n{admin}'
+                    f'\n[target.mail]\nimap_url = "imap://127.0.0.1:{v["new_imap_port"]}"\n'
+                    'admin_user = "vanthu@hcm.gov.vn"\npassword_env = "MMG_TEST_USER_PASSWORD"\n'),
+            sources=(
+                configs.source("binhduong", "Tỉnh Bình Dương", "74", "binhduong.gov.vn",
+                               f'{ldap}base_dn = "dc=binhduong,dc=gov,dc=vn"\n'
+                               f'bind_dn = "cn=admin,dc=binhduong,dc=gov,dc=vn"\n{admin}',
+                               f'{old_imap}login = "master"\nprobe_mailbox = "vanthu@binhduong.gov.vn"\n')
+                + configs.source("baria-vungtau", "Tỉnh Bà Rịa - Vũng Tàu", "77", "baria-vungtau.gov.vn",
+                                 f'{ldap}base_dn = "{v["brvt_base"]}"\n',
+                                 f'{old_imap}login = "authzid"\nprobe_mailbox = "vanthu@baria-vungtau.gov.vn"\n')),
+            tail=f'\n[relay]\nnext_hop = "smtp://127.0.0.1:{v["smtp_port"]}"\nhostname = "relay.hcm.gov.vn"\n',
+        ))
 
     return write
 

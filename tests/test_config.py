@@ -3,56 +3,20 @@
 import datetime as dt
 from pathlib import Path
 
+import configs
 import pytest
 
 from mailmerge_gov.config import ConfigError, Secret, SecretError, load_config
 
-MINIMAL = """\
-[project]
-name = "Thử nghiệm"
-state_file = "state.sqlite"
-
-[target]
-name = "Thành phố Hồ Chí Minh"
-code = "79"
-mail_domain = "hcm.gov.vn"
-base_dn = "dc=hcm,dc=gov,dc=vn"
-
-[[sources]]
-name = "hcm"
-unit_name = "Thành phố Hồ Chí Minh"
-code = "79"
-domains = ["hcm.gov.vn"]
-
-[sources.directory]
-ldif = "hcm.ldif"
-
-[[sources]]
-name = "binhduong"
-unit_name = "Tỉnh Bình Dương"
-code = "74"
-domains = ["binhduong.gov.vn"]
-
-[sources.directory]
-ldap_url = "ldap://127.0.0.1:3389"
-base_dn = "dc=binhduong,dc=gov,dc=vn"
-bind_dn = "cn=admin,dc=binhduong,dc=gov,dc=vn"
-password_env = "BINHDUONG_LDAP_PASSWORD"
-
-[sources.mail]
-imap_url = "imap://127.0.0.1:3143"
-admin_user = "admin"
-password_file = "imap-password"
-login = "master"
-probe_mailbox = "vanthu@binhduong.gov.vn"
-
-[addressing]
-patterns = ["{{ given }}{{ initials }}"]
-keep_addresses_of = ["hcm"]
-
-[transition]
-ends = 2026-06-30
-"""
+MINIMAL = configs.consolidation(
+    sources=configs.HCM_LDIF + configs.source(
+        "binhduong", "Tỉnh Bình Dương", "74", "binhduong.gov.vn",
+        'ldap_url = "ldap://127.0.0.1:3389"\nbase_dn = "dc=binhduong,dc=gov,dc=vn"\n'
+        'bind_dn = "cn=admin,dc=binhduong,dc=gov,dc=vn"\npassword_env = "BINHDUONG_LDAP_PASSWORD"\n',
+        'imap_url = "imap://127.0.0.1:3143"\nadmin_user = "admin"\npassword_file = "imap-password"\n'
+        'login = "master"\nprobe_mailbox = "vanthu@binhduong.gov.vn"\n'),
+    addressing='keep_addresses_of = ["hcm"]\n',
+)
 
 
 def test_example_config_loads(example_dir: Path) -> None:
