@@ -1,0 +1,1 @@
+"""Directory consolidation: read old directories, resolve identities, assign addresses, plan, apply."""

@@ -1,0 +1,184 @@
+"""LDIF (RFC 2849): read content records with their line numbers, write entries and change records."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+from dataclasses import dataclass
+from typing import IO, Iterable, Iterator
+
+# Why our own: ldap3's LDIF support only writes, and python-ldap's ldif module needs the C
+# library; we need line numbers in every error (an administrator fixes a 200,000-line export
+# by line number), refusal of change records, and byte-exact output for backups and tests.
+
+Attributes = tuple[tuple[str, tuple[str, ...]], ...]
+
+_ATTR = re.compile(r"^([A-Za-z][A-Za-z0-9-]*(?:;[A-Za-z0-9-]+)*|[0-9]+(?:\.[0-9]+)*)(::?|:<)\s?(.*)$")
+# RFC 2849 SAFE-STRING: no NUL, LF, CR; first char not space, ':' or '<'; ASCII only.
+_SAFE = re.compile(r"^(?:[\x01-\x09\x0b\x0c\x0e-\x1f\x21-\x39\x3b\x3d-\x7f][\x01-\x09\x0b\x0c\x0e-\x7f]*)?$")
+FOLD_WIDTH = 76
+
+
+class LdifError(Exception):
+    """An LDIF file cannot be read; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class LdifEntry:
+    """One content record: its DN, attributes in file order, and the line it starts on."""
+
+    dn: str
+    attributes: Attributes
+    line: int
+
+    def get(self, name: str) -> tuple[str, ...]:
+        """Return the values of an attribute (case-insensitive name), or ()."""
+        wanted = name.lower()
+        for key, values in self.attributes:
+            if key.lower() == wanted:
+                return values
+        return ()
+
+    def first(self, name: str) -> str | None:
+        """Return the first value of an attribute, or None."""
+        values = self.get(name)
+        return values[0] if values else None
+
+
+def _logical_lines(stream: Iterable[str], name: str) -> Iterator[tuple[int, str]]:
+    """Unfold continuation lines and drop comments; yield (line number, text); '' ends a record."""
+    current: list[str] = []
+    start = 0
+    in_comment = False
+    for number, raw in enumerate(stream, start=1):
+        line = raw.rstrip("\r\n")
+        if number == 1 and line.startswith("\ufeff"):
+            line = line[1:]
+        if line.startswith(" "):
+            if in_comment:
+                continue
+            if not current:
+                raise LdifError(f"{name}, line {number}: a continuation line (starting with a space) "
+                                "follows nothing")
+            current.append(line[1:])
+            continue
+        if current:
+            yield start, "".join(current)
+            current = []
+        in_comment = line.startswith("#")
+        if in_comment:
+            continue
+        if line == "":
+            yield number, ""
+            continue
+        start = number
+        current = [line]
+    if current:
+        yield start, "".join(current)
+
+
+def read_ldif(stream: IO[str], name: str) -> Iterator[LdifEntry]:
+    """Parse content records from a text stream; raise LdifError naming the line on bad input."""
+    dn: str | None = None
+    dn_line = 0
+    attributes: list[tuple[str, list[str]]] = []
+    seen_record = False
+    for number, line in _logical_lines(stream, name):
+        if line == "":
+            if dn is not None:
+                yield _entry(dn, attributes, dn_line)
+                dn, attributes = None, []
+            continue
+        match = _ATTR.match(line)
+        if not match:
+            raise LdifError(f"{name}, line {number}: expected 'attribute: value', found {line[:60]!r}")
+        key, separator, text = match.groups()
+        value = _value(name, number, separator, text)
+        if dn is None:
+            if key.lower() == "version" and not seen_record:
+                if value != "1":
+                    raise LdifError(f"{name}, line {number}: unsupported LDIF version {value!r} (only 1 exists)")
+                seen_record = True
+                continue
+            if key.lower() != "dn":
+                raise LdifError(f"{name}, line {number}: a record must start with 'dn:', found '{key}:'")
+            dn, dn_line, seen_record = value, number, True
+            continue
+        if key.lower() == "changetype":
+            raise LdifError(f"{name}, line {number}: '{dn}' is a change record (changetype: {value}); "
+                            "export the directory's content (ldapsearch / slapcat output), not changes")
+        if key.lower() == "control":
+            raise LdifError(f"{name}, line {number}: '{dn}' carries a control: that is a change record")
+        for existing, values in attributes:
+            if existing.lower() == key.lower():
+                values.append(value)
+                break
+        else:
+            attributes.append((key, [value]))
+    if dn is not None:
+        yield _entry(dn, attributes, dn_line)
+
+
+def _entry(dn: str, attributes: list[tuple[str, list[str]]], line: int) -> LdifEntry:
+    """Freeze a parsed record."""
+    return LdifEntry(dn=dn, attributes=tuple((k, tuple(v)) for k, v in attributes), line=line)
+
+
+def _value(name: str, number: int, separator: str, text: str) -> str:
+    """Decode one value: plain, base64 (::) or refuse URLs (:<)."""
+    if separator == ":<":
+        raise LdifError(f"{name}, line {number}: values read from URLs (':<') are not supported; "
+                        "export with the values inline")
+    if separator == "::":
+        try:
+            data = base64.b64decode(text.strip(), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise LdifError(f"{name}, line {number}: invalid base64 value") from exc
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise LdifError(f"{name}, line {number}: base64 value is not UTF-8 text "
+                            "(binary attributes such as photos are not supported here)") from exc
+    return text
+
+
+def format_line(name: str, value: str) -> str:
+    """Return one attribute line, base64-encoded when RFC 2849 requires it, folded at 76 columns."""
+    if _SAFE.match(value) and not value.endswith(" "):
+        line = f"{name}: {value}"
+    else:
+        line = f"{name}:: {base64.b64encode(value.encode('utf-8')).decode('ascii')}"
+    if len(line) <= FOLD_WIDTH:
+        return line
+    parts = [line[:FOLD_WIDTH]]
+    rest = line[FOLD_WIDTH:]
+    while rest:
+        parts.append(" " + rest[: FOLD_WIDTH - 1])
+        rest = rest[FOLD_WIDTH - 1:]
+    return "\n".join(parts)
+
+
+def format_entry(dn: str, attributes: Attributes) -> str:
+    """Return a content record (ending with a blank line)."""
+    lines = [format_line("dn", dn)]
+    for key, values in attributes:
+        lines.extend(format_line(key, value) for value in values)
+    return "\n".join(lines) + "\n\n"
+
+
+def format_change(dn: str, changetype: str, attributes: Attributes = (),
+                  modifications: Iterable[tuple[str, str, tuple[str, ...]]] = ()) -> str:
+    """Return a change record: add (attributes), delete, or modify ((op, attribute, values), …)."""
+    lines = [format_line("dn", dn), f"changetype: {changetype}"]
+    if changetype == "add":
+        for key, values in attributes:
+            lines.extend(format_line(key, value) for value in values)
+    elif changetype == "modify":
+        for operation, key, values in modifications:
+            lines.append(f"{operation}: {key}")
+            lines.extend(format_line(key, value) for value in values)
+            lines.append("-")
+    elif changetype != "delete":
+        raise ValueError(f"unsupported changetype {changetype!r}")
+    return "\n".join(lines) + "\n\n"

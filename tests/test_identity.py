@@ -1,0 +1,127 @@
+"""One identity per official: exact keys merge, suggestions wait for a person, ids stay stable."""
+
+import itertools
+
+import pytest
+
+from mailmerge_gov.directory.identity import Suggestion, exact_keys, is_role, resolve_identities
+from mailmerge_gov.directory.model import SourceRecord
+
+
+def person(source: str, uid: str, name: str, **fields) -> SourceRecord:
+    return SourceRecord(source=source, dn=f"uid={uid}", kind="person", full_name=name, uid=uid, **fields)
+
+
+def resolve(records, links=None, decisions=None, start=1):
+    counter = itertools.count(start)
+    return resolve_identities(records, links or {}, decisions or {}, ("vanthu",), lambda: next(counter))
+
+
+def grouped(resolution) -> list[list[str]]:
+    return sorted(sorted(r.ref for r in records) for records in resolution.identities.values())
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "merged"),
+    [
+        pytest.param({"citizen_id": "074186004217"}, {"citizen_id": "074186004217"}, True, id="citizen-id"),
+        pytest.param({"citizen_id": "074186004217"}, {"employee_id": "074186004217"}, True,
+                     id="employee-number-that-is-a-citizen-id"),
+        pytest.param({"employee_id": "BD100465"}, {"employee_id": "BD100465"}, False,
+                     id="employee-numbers-of-two-employers"),
+        pytest.param({"mail": "an@binhduong.gov.vn"}, {"aliases": ("an@binhduong.gov.vn",)}, True, id="shared-address"),
+        pytest.param({"mail": "an@binhduong.gov.vn"}, {"mail": "an@baria-vungtau.gov.vn"}, False, id="nothing-shared"),
+    ],
+)
+def test_exact_keys_merge_across_sources(a, b, merged) -> None:
+    resolution = resolve([person("binhduong", "an", "Nguyễn Văn An", **a),
+                          person("baria-vungtau", "nvan", "Lê Thị Bình", **b)])
+    assert len(resolution.identities) == (1 if merged else 2)
+
+
+def test_same_employee_number_in_one_source_is_one_official() -> None:
+    resolution = resolve([person("hcm", "a1", "Nguyễn Văn An", employee_id="E1"),
+                          person("hcm", "a2", "Nguyễn Văn An", employee_id="E1")])
+    assert grouped(resolution) == [["hcm:uid=a1", "hcm:uid=a2"]]
+
+
+def test_name_and_birth_date_is_only_a_suggestion() -> None:
+    records = [person("binhduong", "ha", "Trần Thị Thu Hà", birth_date="1986-04-17"),
+               person("baria-vungtau", "tttha", "TRẦN THỊ THU HÀ", birth_date="1986-04-17")]
+    resolution = resolve(records)
+    assert grouped(resolution) == [["baria-vungtau:uid=tttha"], ["binhduong:uid=ha"]]
+    assert resolution.suggestions == (
+        Suggestion("baria-vungtau:uid=tttha", "binhduong:uid=ha", "same name and date of birth"),)
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "reason"),
+    [
+        ({"phones": ("0274 3822 111",)}, {"mobiles": ("+84 274 3822 111",)}, "same name and phone number"),
+        ({"title": "Chuyên viên"}, {"title": "chuyen vien"}, "same name and title, in different sources"),
+        ({"title": "Chuyên viên"}, {"title": "Phó Giám đốc"}, None),
+    ],
+)
+def test_suggestion_reasons(a, b, reason) -> None:
+    resolution = resolve([person("binhduong", "x", "Lê Văn Tám", **a), person("hcm", "y", "Lê Văn Tám", **b)])
+    assert [s.reason for s in resolution.suggestions] == ([reason] if reason else [])
+
+
+def test_decisions_are_honoured() -> None:
+    records = [person("binhduong", "ha", "Trần Thị Thu Hà", birth_date="1986-04-17"),
+               person("baria-vungtau", "tttha", "Trần Thị Thu Hà", birth_date="1986-04-17")]
+    pair = ("baria-vungtau:uid=tttha", "binhduong:uid=ha")
+    same = resolve(records, decisions={pair: "same"})
+    assert (grouped(same), same.suggestions) == ([list(pair)], ())
+    different = resolve(records, decisions={pair: "different"})
+    assert (len(different.identities), different.suggestions) == (2, ())
+
+
+def test_decision_contradicted_by_an_exact_key_is_a_conflict() -> None:
+    records = [person("binhduong", "a", "Nguyễn Văn An", citizen_id="074000000001"),
+               person("hcm", "b", "Nguyễn Văn An", mail="annv@hcm.gov.vn"),
+               person("hcm", "c", "Nguyễn Văn An", citizen_id="074000000001", aliases=("annv@hcm.gov.vn",))]
+    resolution = resolve(records, decisions={("binhduong:uid=a", "hcm:uid=b"): "different"})
+    assert resolution.conflicts == (
+        "binhduong:uid=a and hcm:uid=b were decided to be different officials, but share an ID or address "
+        "with each other's records; decide again or correct the source",)
+
+
+def test_identity_ids_are_kept_across_runs() -> None:
+    first = resolve([person("hcm", "a", "Nguyễn Văn An"), person("hcm", "b", "Lê Văn Tám")])
+    links = {r.ref: identity for identity, rs in first.identities.items() for r in rs}
+    assert links == {"hcm:uid=a": 1, "hcm:uid=b": 2}
+    # A newcomer with a lower ref does not take anyone's id.
+    second = resolve([person("hcm", "0", "Võ Văn Ba"), person("hcm", "a", "Nguyễn Văn An"),
+                      person("hcm", "b", "Lê Văn Tám")], links=links, start=3)
+    assert {r.ref: i for i, rs in second.identities.items() for r in rs} == {
+        "hcm:uid=0": 3, "hcm:uid=a": 1, "hcm:uid=b": 2}
+
+
+def test_split_identity_keeps_its_id_for_the_lowest_ref() -> None:
+    records = [person("binhduong", "ha", "Trần Thị Thu Hà"), person("hcm", "ha", "Trần Thị Thu Hà")]
+    links = {"binhduong:uid=ha": 7, "hcm:uid=ha": 7}
+    resolution = resolve(records, links=links, decisions={("binhduong:uid=ha", "hcm:uid=ha"): "different"}, start=8)
+    assert {r.ref: i for i, rs in resolution.identities.items() for r in rs} == {
+        "binhduong:uid=ha": 7, "hcm:uid=ha": 8}
+
+
+def test_groups_are_not_identities() -> None:
+    group = SourceRecord(source="hcm", dn="cn=quantri", kind="group", full_name="quantri")
+    assert resolve([group]).identities == {}
+
+
+@pytest.mark.parametrize(
+    ("fields", "role"),
+    [({"mail": "vanthu@binhduong.gov.vn"}, True), ({"mail": "postmaster@hcm.gov.vn"}, True),
+     ({"mail": "annv@hcm.gov.vn"}, False), ({"mail": "annv@hcm.gov.vn", "aliases": ("abuse@hcm.gov.vn",)}, False)],
+)
+def test_role_mailboxes(fields, role) -> None:
+    assert is_role(person("hcm", "x", "Văn thư", **fields), ("vanthu",)) is role
+
+
+def test_exact_keys_of_a_record() -> None:
+    record = person("binhduong", "an", "An", mail="an@bd.vn", aliases=("x@bd.vn",), citizen_id="074186004217",
+                    employee_id="BD1")
+    assert exact_keys(record) == {"address:an@bd.vn", "address:x@bd.vn", "citizen:074186004217",
+                                  "employee:binhduong:BD1"}
