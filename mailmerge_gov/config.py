@@ -196,6 +196,18 @@ class Addressing:
     keep_addresses_of: tuple[str, ...] = ()
 
 
+DEFAULT_PRIVILEGED_GROUPS = ("*admin*", "*quản trị*", "*quan tri*", "postmaster*", "*mail*admin*")
+
+
+@dataclass(frozen=True)
+class DirectoryPolicy:
+    """How the directory is consolidated: the unit mapping file and the safety limits of apply."""
+
+    structure: Path | None = None
+    max_disables: int = 10
+    privileged_groups: tuple[str, ...] = DEFAULT_PRIVILEGED_GROUPS
+
+
 @dataclass(frozen=True)
 class Relay:
     """Settings of the forwarding relay daemon."""
@@ -230,6 +242,7 @@ class Config:
     addressing: Addressing
     transition_ends: dt.date
     relay: Relay = field(default_factory=Relay)
+    directory: DirectoryPolicy = field(default_factory=DirectoryPolicy)
 
     @property
     def base_dir(self) -> Path:
@@ -460,11 +473,26 @@ def _read_config(loader: _Loader, root: _Table) -> Config:
     transition.finish()
     relay_table = root.table("relay")
     relay = _read_relay(relay_table) if relay_table else Relay()
+    directory_table = root.table("directory")
+    policy = _read_directory_policy(directory_table) if directory_table else DirectoryPolicy()
     root.finish()
     return Config(
         path=loader.path, name=name, state_file=state_file, target=target, sources=sources,
-        addressing=addressing, transition_ends=ends, relay=relay,
+        addressing=addressing, transition_ends=ends, relay=relay, directory=policy,
     )
+
+
+def _read_directory_policy(table: _Table) -> DirectoryPolicy:
+    """Read [directory]: the unit mapping file, apply's limits, privileged group patterns."""
+    patterns = table.strings("privileged_groups")
+    policy = DirectoryPolicy(
+        structure=table.path_value("structure"),
+        max_disables=int(_positive(table, "max_disables", 10, integer=True)),
+        privileged_groups=tuple(p.lower() for p in patterns) if "privileged_groups" in table.data
+        else DEFAULT_PRIVILEGED_GROUPS,
+    )
+    table.finish()
+    return policy
 
 
 def _read_target(table: _Table) -> Target:

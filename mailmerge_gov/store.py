@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import getpass
 import json
@@ -9,6 +10,8 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
+
+from mailmerge_gov.directory.model import SourceRecord
 
 # Only this module speaks SQL. Statements stay portable (no SQLite-only syntax in the data
 # statements) so that a PostgreSQL store can be added as a second backend behind the same
@@ -81,8 +84,45 @@ def _create_audit_log(db: sqlite3.Connection) -> None:
         )
 
 
+def _create_directory_plan(db: sqlite3.Connection) -> None:
+    """Version 2: records read, identities, decisions, addresses, plans and sign-offs."""
+    statements = [
+        "CREATE TABLE source_snapshots (source TEXT PRIMARY KEY, digest TEXT NOT NULL,"
+        " records INTEGER NOT NULL, read_at TEXT NOT NULL)",
+        # Every record read, as-is (JSON of the SourceRecord), marked with its source and DN.
+        "CREATE TABLE source_records (source TEXT NOT NULL, dn TEXT NOT NULL, kind TEXT NOT NULL,"
+        " data_json TEXT NOT NULL, PRIMARY KEY (source, dn))",
+        "CREATE TABLE identities (id INTEGER PRIMARY KEY, created_at TEXT NOT NULL)",
+        "CREATE TABLE identity_records (record_ref TEXT PRIMARY KEY,"
+        " identity_id INTEGER NOT NULL REFERENCES identities(id))",
+        # A person's answer to "are these two records the same official?"; pair = sorted refs.
+        "CREATE TABLE decisions (pair TEXT PRIMARY KEY, ref_a TEXT NOT NULL, ref_b TEXT NOT NULL,"
+        " decision TEXT NOT NULL CHECK (decision IN ('same', 'different')),"
+        " actor TEXT NOT NULL, decided_at TEXT NOT NULL)",
+        # Every address ever given out: official ones (planned, then applied) and old ones kept
+        # as aliases. The primary key is what makes an address impossible to hand out twice.
+        "CREATE TABLE addresses (address TEXT PRIMARY KEY, identity_id INTEGER NOT NULL,"
+        " role TEXT NOT NULL CHECK (role IN ('official', 'alias')),"
+        " state TEXT NOT NULL CHECK (state IN ('planned', 'applied', 'retired')),"
+        " source TEXT, valid_until TEXT, assigned_at TEXT NOT NULL)",
+        "CREATE TABLE plans (id INTEGER PRIMARY KEY, created_at TEXT NOT NULL, actor TEXT NOT NULL,"
+        " sources_digest TEXT NOT NULL, summary_json TEXT NOT NULL)",
+        "CREATE TABLE plan_people (plan_id INTEGER NOT NULL REFERENCES plans(id),"
+        " identity_id INTEGER NOT NULL, data_json TEXT NOT NULL, PRIMARY KEY (plan_id, identity_id))",
+        # What a person must look at before apply: suggestions, units needing review, …
+        "CREATE TABLE plan_issues (plan_id INTEGER NOT NULL REFERENCES plans(id), seq INTEGER NOT NULL,"
+        " kind TEXT NOT NULL, subject TEXT NOT NULL, blocking INTEGER NOT NULL, detail_json TEXT NOT NULL,"
+        " PRIMARY KEY (plan_id, seq))",
+        "CREATE TABLE signoffs (subject TEXT PRIMARY KEY, actor TEXT NOT NULL, signed_at TEXT NOT NULL,"
+        " note TEXT)",
+    ]
+    for statement in statements:
+        db.execute(statement)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "audit log", _create_audit_log),
+    Migration(2, "directory plan", _create_directory_plan),
 )
 
 
@@ -134,7 +174,7 @@ class Store:
     def audit(self, action: str, subject: str, before: Any = None, after: Any = None,
               actor: str | None = None) -> int:
         """Append one entry to the audit log and return its id."""
-        at = dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
+        at = _now()
         cursor = self.db.execute(
             "INSERT INTO audit_log (at, actor, action, subject, before_json, after_json)"
             " VALUES (?, ?, ?, ?, ?, ?)",
@@ -151,6 +191,244 @@ class Store:
             args = (subject,)
         for row in self.db.execute(sql + " ORDER BY id", args):
             yield AuditEntry(row[0], row[1], row[2], row[3], row[4], _from_json(row[5]), _from_json(row[6]))
+
+
+    # --- directory: records read ---------------------------------------------------------------
+
+    def save_source_records(self, source: str, digest: str, records: Sequence[SourceRecord]) -> None:
+        """Replace what is stored of one source with a new read of it."""
+        now = _now()
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("DELETE FROM source_records WHERE source = ?", (source,))
+            self.db.executemany(
+                "INSERT INTO source_records (source, dn, kind, data_json) VALUES (?, ?, ?, ?)",
+                [(source, r.dn, r.kind, _to_json(dataclasses.asdict(r))) for r in records],
+            )
+            self.db.execute("DELETE FROM source_snapshots WHERE source = ?", (source,))
+            self.db.execute(
+                "INSERT INTO source_snapshots (source, digest, records, read_at) VALUES (?, ?, ?, ?)",
+                (source, digest, len(records), now),
+            )
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def source_digests(self) -> dict[str, str]:
+        """Return the digest of the last read of each source."""
+        return dict(self.db.execute("SELECT source, digest FROM source_snapshots ORDER BY source"))
+
+    def source_records(self, source: str | None = None) -> list[SourceRecord]:
+        """Return the stored records, of one source or of all, in source then DN order."""
+        sql = "SELECT data_json FROM source_records"
+        args: tuple[str, ...] = ()
+        if source is not None:
+            sql += " WHERE source = ?"
+            args = (source,)
+        return [_record_from_json(row[0]) for row in self.db.execute(sql + " ORDER BY source, dn", args)]
+
+    # --- directory: identities and decisions ---------------------------------------------------
+
+    def identity_links(self) -> dict[str, int]:
+        """Return every record ref linked to an identity, with the identity's id."""
+        return dict(self.db.execute("SELECT record_ref, identity_id FROM identity_records"))
+
+    def link_records(self, links: dict[str, int | None]) -> dict[str, int]:
+        """Link record refs to identities; None creates a new identity per distinct group key.
+
+        Returns the final ref → identity id map for the refs given.
+        """
+        result: dict[str, int] = {}
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for ref, identity in links.items():
+                if identity is None:
+                    identity = int(self.db.execute("INSERT INTO identities (created_at) VALUES (?)",
+                                                   (_now(),)).lastrowid)
+                self.db.execute(
+                    "INSERT INTO identity_records (record_ref, identity_id) VALUES (?, ?) "
+                    "ON CONFLICT (record_ref) DO UPDATE SET identity_id = excluded.identity_id",
+                    (ref, identity),
+                )
+                result[ref] = identity
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return result
+
+    def new_identity(self) -> int:
+        """Create an identity and return its id."""
+        return int(self.db.execute("INSERT INTO identities (created_at) VALUES (?)", (_now(),)).lastrowid)
+
+    def decide(self, ref_a: str, ref_b: str, decision: str, actor: str | None = None) -> None:
+        """Record (or change) a person's decision that two records are the same official or not."""
+        first, second = sorted((ref_a, ref_b))
+        before = self.decisions().get((first, second))
+        self.db.execute(
+            "INSERT INTO decisions (pair, ref_a, ref_b, decision, actor, decided_at) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (pair) DO UPDATE SET decision = excluded.decision, actor = excluded.actor, "
+            "decided_at = excluded.decided_at",
+            (f"{first}\n{second}", first, second, decision, actor or current_actor(), _now()),
+        )
+        self.audit("decide-identity", f"{first} | {second}", before=before, after=decision, actor=actor)
+
+    def decisions(self) -> dict[tuple[str, str], str]:
+        """Return every decision, keyed by the sorted pair of record refs."""
+        return {(a, b): d for a, b, d in self.db.execute("SELECT ref_a, ref_b, decision FROM decisions")}
+
+    # --- directory: addresses -----------------------------------------------------------------
+
+    def addresses(self) -> list[AddressRow]:
+        """Return every address ever given out or kept, in address order."""
+        rows = self.db.execute(
+            "SELECT address, identity_id, role, state, source, valid_until FROM addresses ORDER BY address")
+        return [AddressRow(*row) for row in rows]
+
+    def save_addresses(self, rows: Sequence[AddressRow]) -> None:
+        """Insert new address rows and update planned ones; applied and retired rows never change owner."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for row in rows:
+                existing = self.db.execute(
+                    "SELECT identity_id, state FROM addresses WHERE address = ?", (row.address,)).fetchone()
+                if existing is None:
+                    self.db.execute(
+                        "INSERT INTO addresses (address, identity_id, role, state, source, valid_until, assigned_at)"
+                        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+                        (row.address, row.identity_id, row.role, row.state, row.source, row.valid_until, _now()),
+                    )
+                elif existing[1] == "planned":
+                    self.db.execute(
+                        "UPDATE addresses SET identity_id = ?, role = ?, state = ?, source = ?, valid_until = ?"
+                        " WHERE address = ?",
+                        (row.identity_id, row.role, row.state, row.source, row.valid_until, row.address),
+                    )
+                elif existing[0] != row.identity_id:
+                    raise StoreError(f"address {row.address} is {existing[1]} for identity {existing[0]} "
+                                     f"and cannot be given to identity {row.identity_id}")
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def drop_planned_addresses(self, keep: set[str]) -> None:
+        """Forget planned (never applied) addresses a new plan no longer uses."""
+        planned = [row[0] for row in self.db.execute("SELECT address FROM addresses WHERE state = 'planned'")]
+        self.db.executemany("DELETE FROM addresses WHERE address = ? AND state = 'planned'",
+                            [(address,) for address in planned if address not in keep])
+
+    def mark_addresses_applied(self, identity_ids: Sequence[int]) -> None:
+        """Make the planned addresses of these identities permanent (after a successful apply)."""
+        self.db.executemany("UPDATE addresses SET state = 'applied' WHERE identity_id = ? AND state = 'planned'",
+                            [(identity,) for identity in identity_ids])
+
+    # --- directory: plans and sign-offs ---------------------------------------------------------
+
+    def save_plan(self, sources_digest: str, summary: dict[str, Any], people: Sequence[tuple[int, dict[str, Any]]],
+                  issues: Sequence[tuple[str, str, bool, dict[str, Any]]], actor: str | None = None) -> int:
+        """Store a new plan (people by identity, issues to review) and return its id."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            plan_id = int(self.db.execute(
+                "INSERT INTO plans (created_at, actor, sources_digest, summary_json) VALUES (?, ?, ?, ?)",
+                (_now(), actor or current_actor(), sources_digest, _to_json(summary))).lastrowid)
+            self.db.executemany(
+                "INSERT INTO plan_people (plan_id, identity_id, data_json) VALUES (?, ?, ?)",
+                [(plan_id, identity, _to_json(data)) for identity, data in people])
+            self.db.executemany(
+                "INSERT INTO plan_issues (plan_id, seq, kind, subject, blocking, detail_json) VALUES (?, ?, ?, ?, ?, ?)",
+                [(plan_id, seq, kind, subject, int(blocking), _to_json(detail))
+                 for seq, (kind, subject, blocking, detail) in enumerate(issues, start=1)])
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        return plan_id
+
+    def latest_plan(self) -> PlanRow | None:
+        """Return the newest plan, or None when nothing was planned yet."""
+        row = self.db.execute("SELECT MAX(id) FROM plans").fetchone()
+        return None if row[0] is None else self.plan(row[0])
+
+    def plan(self, plan_id: int) -> PlanRow | None:
+        """Return one plan's header, or None if there is no such plan."""
+        row = self.db.execute(
+            "SELECT id, created_at, actor, sources_digest, summary_json FROM plans WHERE id = ?", (plan_id,)).fetchone()
+        return None if row is None else PlanRow(row[0], row[1], row[2], row[3], _from_json(row[4]))
+
+    def plan_people(self, plan_id: int) -> list[dict[str, Any]]:
+        """Return the people of a plan, by identity id."""
+        rows = self.db.execute("SELECT data_json FROM plan_people WHERE plan_id = ? ORDER BY identity_id", (plan_id,))
+        return [_from_json(row[0]) for row in rows]
+
+    def plan_issues(self, plan_id: int) -> list[IssueRow]:
+        """Return the review items of a plan in the order they were found."""
+        rows = self.db.execute(
+            "SELECT kind, subject, blocking, detail_json FROM plan_issues WHERE plan_id = ? ORDER BY seq", (plan_id,))
+        return [IssueRow(kind, subject, bool(blocking), _from_json(detail)) for kind, subject, blocking, detail in rows]
+
+    def sign_off(self, subject: str, note: str | None = None, actor: str | None = None) -> None:
+        """Record a person's explicit approval of a subject (e.g. a privileged membership)."""
+        who = actor or current_actor()
+        self.db.execute(
+            "INSERT INTO signoffs (subject, actor, signed_at, note) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (subject) DO UPDATE SET actor = excluded.actor, signed_at = excluded.signed_at, "
+            "note = excluded.note", (subject, who, _now(), note))
+        self.audit("sign-off", subject, after={"note": note}, actor=who)
+
+    def signoffs(self) -> dict[str, str]:
+        """Return every signed-off subject with who signed it."""
+        return dict(self.db.execute("SELECT subject, actor FROM signoffs"))
+
+
+@dataclass(frozen=True)
+class AddressRow:
+    """An address and whose it is: official (planned/applied/retired) or an old one kept as alias."""
+
+    address: str
+    identity_id: int
+    role: str
+    state: str
+    source: str | None = None
+    valid_until: str | None = None
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    """A stored plan's header."""
+
+    id: int
+    created_at: str
+    actor: str
+    sources_digest: str
+    summary: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class IssueRow:
+    """One thing a person must look at before apply."""
+
+    kind: str
+    subject: str
+    blocking: bool
+    detail: dict[str, Any]
+
+
+def _now() -> str:
+    """Return the current UTC time as ISO 8601."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+def _record_from_json(text: str) -> SourceRecord:
+    """Rebuild a SourceRecord from its stored JSON (lists become tuples again)."""
+    data = json.loads(text)
+    for key, value in data.items():
+        if isinstance(value, list):
+            data[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value)
+    data["raw"] = tuple((name, tuple(values)) for name, values in data.get("raw", ()))
+    return SourceRecord(**data)
 
 
 def current_actor() -> str:
