@@ -196,7 +196,7 @@ class Addressing:
     keep_addresses_of: tuple[str, ...] = ()
 
 
-DEFAULT_PRIVILEGED_GROUPS = ("*admin*", "*quản trị*", "*quan tri*", "postmaster*", "*mail*admin*")
+DEFAULT_PRIVILEGED_GROUPS = ("*admin*", "*quản trị*", "*quan tri*", "*quantri*", "postmaster*")
 
 
 @dataclass(frozen=True)

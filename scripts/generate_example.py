@@ -169,6 +169,7 @@ ROLE_ACCOUNTS = {  # local part, display name, unit; marked `description: Hộp 
                       ("postmaster", "Postmaster", "VPUB")),
 }
 ROLE_MAILBOX = ("hcm", "vanthu")
+AD_FINANCE = "Sở Tài chính tỉnh Bình Dương"  # the OU that holds Bình Dương's one non-admin group
 # Old per-department mail domains still listed as aliases (Bình Dương) and the pre-rename
 # domains (TP.HCM's tphcm.gov.vn, Bà Rịa–Vũng Tàu's brvt.gov.vn).
 BD_SUBDOMAINS = {"STC": "sotc", "STP": "sotp", "SYT": "soyt"}
@@ -368,6 +369,39 @@ def role_accounts(src: Source, units: list[Unit]) -> list[Person]:
             for local, name, unit in ROLE_ACCOUNTS[src.key]]
 
 
+@dataclass(eq=False)
+class Group:
+    """A group of one old directory: its name, what it is for, its members."""
+
+    name: str  # cn as the directory spells it
+    description: str
+    members: list[Person]
+    privileged: bool  # administrators: their memberships need a sign-off before they carry over
+    external: tuple[str, ...] = ()  # member addresses outside the directory (Zimbra lists only)
+
+
+def make_groups(src: Source, accounts: list[Person]) -> list[Group]:
+    """Return a few groups per source, members picked in directory order (no RNG, so the rest stays)."""
+    staff = [p for p in accounts if not p.role]
+    role = {p.local: p for p in accounts if p.role}
+    office = [p for p in staff if p.unit and p.unit.key == "VPUB" and not p.tag and not p.disabled]
+    # one disabled account among the administrators: the case a review must catch
+    admins = office[:2] + [p for p in staff if p.disabled][:1]
+    finance = [p for p in staff if p.unit and p.unit.key == "STC" and not p.tag and not p.disabled]
+    if src.key == "hcm":
+        leaders = [p for p in finance if p.title in ("Phó Giám đốc", "Trưởng phòng", "Phó Trưởng phòng")]
+        return [Group("quantri-thu", "Quản trị hệ thống thư điện tử", [role["postmaster"], *admins], True),
+                Group("lanhdao-so-tai-chinh", "Lãnh đạo Sở Tài chính", leaders[:4], False),
+                Group("ketoan", "Kế toán các đơn vị", [p for p in staff if p.title == "Kế toán"][:4], False)]
+    if src.key == "binhduong":
+        return [Group("Domain Admins", "Designated administrators of the domain", admins, True),
+                Group("Mail Admins", "Quản trị hệ thống thư", [role["postmaster"], office[0]], True),
+                Group("Phong Ke toan STC", "Phòng Kế toán - Sở Tài chính", finance[:4], False)]
+    return [Group("quantri", "Quản trị hệ thống thư", [role["postmaster"], *admins], True,
+                  external=("hotro.thudientu@vnpt.vn",)),  # the provider's support desk
+            Group("vanphong", "Văn phòng UBND tỉnh", [role["vanthu"], *office[2:5]], False)]
+
+
 # ---------------------------------------------------------------------------------------------
 # LDIF (RFC 2849) and CSV
 
@@ -397,9 +431,10 @@ def ldif(header: str, entries: list[list[tuple[str, str]]]) -> bytes:
     return ("\n\n".join(blocks) + "\n").encode()
 
 
-def ldif_hcm(src: Source, units: list[Unit], people: list[Person]) -> bytes:
-    """Return TP.HCM's OpenLDAP export (inetOrgPerson; ppolicy lock marks disabled accounts)."""
+def ldif_hcm(src: Source, units: list[Unit], people: list[Person], groups: list[Group]) -> bytes:
+    """Return TP.HCM's OpenLDAP export (inetOrgPerson; ppolicy lock marks disabled accounts; groupOfNames)."""
     base = "dc=hcm,dc=gov,dc=vn"
+    dns: dict[int, str] = {}
     entries = [[("dn", base), ("objectClass", "top"), ("objectClass", "dcObject"),
                 ("objectClass", "organization"), ("dc", "hcm"), ("o", src.org)]]
     entries += [[("dn", f"ou={dn_value(u.name)},{base}"), ("objectClass", "organizationalUnit"), ("ou", u.name)]
@@ -418,12 +453,26 @@ def ldif_hcm(src: Source, units: list[Unit], people: list[Person]) -> bytes:
         if p.disabled:  # ppolicy's "locked by the administrator" value
             entry.append(("pwdAccountLockedTime", "000001010000Z"))
         entries.append(entry)
+        dns[id(p)] = f"uid={p.local},{parent}"
+    entries.append([("dn", f"ou=groups,{base}"), ("objectClass", "organizationalUnit"), ("ou", "groups")])
+    for g in groups:
+        entries.append([("dn", f"cn={dn_value(g.name)},ou=groups,{base}"), ("objectClass", "groupOfNames"),
+                        ("cn", g.name), ("description", g.description),
+                        *[("member", dns[id(p)]) for p in g.members]])
     return ldif(f"{src.key}: OpenLDAP export (slapcat) of {src.domain}", entries)
 
 
-def ldif_ad(src: Source, units: list[Unit], people: list[Person]) -> bytes:
-    """Return Bình Dương's Active Directory export (userAccountControl bit 2 = disabled)."""
+def ldif_ad(src: Source, units: list[Unit], people: list[Person], groups: list[Group]) -> bytes:
+    """Return Bình Dương's Active Directory export (userAccountControl bit 2 = disabled; groups with memberOf)."""
     base = "DC=binhduong,DC=gov,DC=vn"
+    # AD keeps both directions: member on the group, memberOf (back-link) on every member.
+    group_dns = [f"CN={dn_value(g.name)},{'CN=Users' if g.privileged else 'OU=' + dn_value(AD_FINANCE)},{base}"
+                 for g in groups]
+    member_of: dict[int, list[str]] = {}
+    for g, dn in zip(groups, group_dns):
+        for p in g.members:
+            member_of.setdefault(id(p), []).append(dn)
+    dns: dict[int, str] = {}
     entries = [[("dn", base), ("objectClass", "top"), ("objectClass", "domain"), ("objectClass", "domainDNS"),
                 ("dc", "binhduong"), ("name", "binhduong")],
                [("dn", f"CN=Users,{base}"), ("objectClass", "top"), ("objectClass", "container"), ("cn", "Users")]]
@@ -451,12 +500,23 @@ def ldif_ad(src: Source, units: list[Unit], people: list[Person]) -> bytes:
             *[("proxyAddresses", x) for x in proxies], ("department", p.unit.name if p.unit else ""),
             ("title", p.title), ("telephoneNumber", p.phone), ("mobile", p.mobile), ("employeeID", p.emp_id),
             ("description", "Hộp thư chức năng" if p.role else ""),
-            ("userAccountControl", p.disabled or ("66048" if not p.role and p.emp_id.endswith("7") else "512"))])
+            ("userAccountControl", p.disabled or ("66048" if not p.role and p.emp_id.endswith("7") else "512")),
+            *[("memberOf", dn) for dn in member_of.get(id(p), [])]])
+        dns[id(p)] = f"CN={dn_value(p.rdn)},{parent}"
+    for g, dn in zip(groups, group_dns):
+        # security groups (global, -2147483646) for the administrators; a mail-enabled distribution group (2)
+        mail = [] if g.privileged else [("mail", f"ketoan.stc@{src.domain}"),
+                                        ("proxyAddresses", f"SMTP:ketoan.stc@{src.domain}"),
+                                        ("proxyAddresses", f"smtp:ketoan@sotc.{src.domain}")]
+        entries.append([("dn", dn), ("objectClass", "top"), ("objectClass", "group"), ("cn", g.name),
+                        ("sAMAccountName", g.name), ("groupType", "-2147483646" if g.privileged else "2"),
+                        ("description", g.description), *mail, *[("member", dns[id(p)]) for p in g.members]])
     return ldif(f"{src.key}: Active Directory export (ldifde) of {src.domain}", entries)
 
 
-def ldif_zimbra(src: Source, units: list[Unit], people: list[Person], rng: random.Random) -> bytes:
-    """Return Bà Rịa–Vũng Tàu's Zimbra LDAP export (zimbraAccountStatus locked/closed)."""
+def ldif_zimbra(src: Source, units: list[Unit], people: list[Person], groups: list[Group],
+                rng: random.Random) -> bytes:
+    """Return Bà Rịa–Vũng Tàu's Zimbra LDAP export (zimbraAccountStatus locked/closed; distribution lists)."""
     base = "dc=baria-vungtau,dc=gov,dc=vn"
     entries = [[("dn", base), ("objectClass", "dcObject"), ("objectClass", "organization"),
                 ("dc", "baria-vungtau"), ("o", src.org)],
@@ -474,6 +534,17 @@ def ldif_zimbra(src: Source, units: list[Unit], people: list[Person], rng: rando
             ("ou", p.unit.name if p.unit else ""), ("title", p.title), ("telephoneNumber", p.phone),
             ("employeeNumber", p.citizen_id if not p.role else ""),
             ("description", "Hộp thư chức năng" if p.role else "")])
+    for g in groups:
+        # Zimbra lists members by address, not DN; one member is listed by an old alias, as happens
+        members = [p.aliases[0] if i == len(g.members) - 1 and p.aliases else p.address
+                   for i, p in enumerate(g.members)] + list(g.external)
+        entries.append([
+            ("dn", f"uid={g.name},ou=people,{base}"),
+            *[("objectClass", c) for c in ("zimbraDistributionList", "zimbraMailRecipient")],
+            ("zimbraId", str(uuid.UUID(int=rng.getrandbits(128), version=4))), ("uid", g.name),
+            ("mail", f"{g.name}@{src.domain}"), ("zimbraMailAlias", f"{g.name}@brvt.gov.vn"),
+            ("displayName", g.description), ("zimbraMailStatus", "enabled"),
+            *[("zimbraMailForwardingAddress", a) for a in members]])
     return ldif(f"{src.key}: Zimbra 8.8 LDAP export of {src.domain}", entries)
 
 
@@ -677,9 +748,11 @@ def build(seed: int) -> tuple[dict[str, bytes], list[str], dict]:
                                "units": len(units[src.key])}
         if src.key == "binhduong":
             files[f"sources/{src.key}/hr.csv"], c["hr_rows"] = hr_csv(staff, rng)
+        groups = make_groups(src, accounts)
+        c["groups"] = len(groups)
         writer = {"hcm": ldif_hcm, "binhduong": ldif_ad}.get(src.key)
-        files[f"sources/{src.key}/directory.ldif"] = writer(src, units[src.key], accounts) if writer else \
-            ldif_zimbra(src, units[src.key], accounts, rng)
+        files[f"sources/{src.key}/directory.ldif"] = writer(src, units[src.key], accounts, groups) if writer \
+            else ldif_zimbra(src, units[src.key], accounts, groups, rng)
         stats = dict.fromkeys(("mailboxes", "folders", "messages", "duplicates", "without_message_id",
                                "raw_8bit_headers", "with_attachment"), 0)
         mrng = random.Random(f"{seed}:{src.key}:mail")
@@ -729,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     manifest = write(args.out, args.seed)
-    keys = ("people", "role_accounts", "disabled", "without_unit", "units", "mailboxes", "role_mailboxes",
+    keys = ("people", "role_accounts", "groups", "disabled", "without_unit", "units", "mailboxes", "role_mailboxes",
             "folders", "messages", "duplicates", "without_message_id", "raw_8bit_headers")
     print(f"{'source':<15}" + "".join(f"{k[:10]:>11}" for k in keys))
     for name, c in manifest["sources"].items():

@@ -58,9 +58,17 @@ def parse_ldif(path: Path) -> list[dict[str, list[str]]]:
     return entries
 
 
+GROUP_CLASSES = {"groupOfNames", "group", "zimbraDistributionList"}
+
+
 def people(source: str) -> list[dict[str, list[str]]]:
-    """Return the account entries of one source's LDIF."""
-    return [e for e in parse_ldif(LDIFS[source]) if "mail" in e]
+    """Return the account entries of one source's LDIF (groups with an address left out)."""
+    return [e for e in parse_ldif(LDIFS[source]) if "mail" in e and not GROUP_CLASSES & set(e["objectClass"])]
+
+
+def groups(source: str) -> list[dict[str, list[str]]]:
+    """Return the group entries of one source's LDIF."""
+    return [e for e in parse_ldif(LDIFS[source]) if GROUP_CLASSES & set(e["objectClass"])]
 
 
 def message_files() -> list[Path]:
@@ -127,16 +135,17 @@ def test_maildir_folders_use_dovecot_modified_utf7_names() -> None:
 
 def test_manifest_counts() -> None:
     counts = json.loads((EXAMPLE / "MANIFEST.json").read_text("utf-8"))["sources"]
-    keys = ("people", "role_accounts", "disabled", "without_unit", "units", "mailboxes", "role_mailboxes",
+    keys = ("people", "role_accounts", "groups", "disabled", "without_unit", "units", "mailboxes", "role_mailboxes",
             "folders", "messages", "duplicates", "without_message_id", "raw_8bit_headers")
     assert {s: [c[k] for k in keys] for s, c in counts.items()} == {
-        "hcm": [300, 4, 6, 2, 18, 13, 1, 107, 394, 2, 20, 17],
-        "binhduong": [250, 3, 6, 2, 17, 10, 0, 85, 223, 2, 11, 9],
-        "baria-vungtau": [220, 3, 7, 2, 17, 8, 0, 66, 218, 1, 10, 9],
+        "hcm": [300, 4, 3, 6, 2, 18, 13, 1, 107, 394, 2, 20, 17],
+        "binhduong": [250, 3, 3, 6, 2, 17, 10, 0, 85, 223, 2, 11, 9],
+        "baria-vungtau": [220, 3, 2, 7, 2, 17, 8, 0, 66, 218, 1, 10, 9],
     }
     assert counts["binhduong"]["hr_rows"] == 252
     for source, c in counts.items():
         assert len(people(source)) == c["people"] + c["role_accounts"]
+        assert len(groups(source)) == c["groups"]
         assert len(list(SOURCES.glob(f"{source}/mail/*"))) == c["mailboxes"]
         assert sum(1 for p in message_files() if p.parts[len(SOURCES.parts)] == source) == c["messages"]
 
@@ -169,6 +178,22 @@ def test_each_preset_disables_accounts_its_own_way() -> None:
     assert uac["514"] == 5 and uac["66050"] == 1 and uac["512"] > 200
     status = Counter(e["zimbraAccountStatus"][0] for e in people("baria-vungtau"))
     assert (status["locked"], status["closed"]) == (3, 4)
+
+
+def test_groups_in_each_preset_shape() -> None:
+    hcm = {e["dn"][0] for e in people("hcm")}
+    assert {g["cn"][0]: len(g["member"]) for g in groups("hcm")} == {
+        "quantri-thu": 4, "lanhdao-so-tai-chinh": 3, "ketoan": 4}
+    assert all(set(g["member"]) <= hcm for g in groups("hcm"))
+    # AD keeps both directions: member on the group, memberOf on each member
+    ad_members = {(m, g["dn"][0]) for g in groups("binhduong") for m in g["member"]}
+    assert ad_members == {(e["dn"][0], g) for e in people("binhduong") for g in e.get("memberOf", [])}
+    assert len(ad_members) == 9
+    # Zimbra lists members by address: accounts (one by an old alias) and one outside address
+    addresses = {a for e in people("baria-vungtau") for a in e["mail"]}
+    forwards = [a for g in groups("baria-vungtau") for a in g["zimbraMailForwardingAddress"]]
+    assert [a for a in forwards if a not in addresses] == ["hotro.thudientu@vnpt.vn"]
+    assert sum(a.endswith("@brvt.gov.vn") for a in forwards) == 2
 
 
 def test_accounts_without_a_unit() -> None:

@@ -14,7 +14,7 @@ from typing import IO, Iterable, Iterator
 
 Attributes = tuple[tuple[str, tuple[str, ...]], ...]
 
-_ATTR = re.compile(r"^([A-Za-z][A-Za-z0-9-]*(?:;[A-Za-z0-9-]+)*|[0-9]+(?:\.[0-9]+)*)(::?|:<)\s?(.*)$")
+_ATTR = re.compile(r"^([A-Za-z][A-Za-z0-9-]*(?:;[A-Za-z0-9-]+)*|[0-9]+(?:\.[0-9]+)*)(:<|::?)\s?(.*)$")
 # RFC 2849 SAFE-STRING: no NUL, LF, CR; first char not space, ':' or '<'; ASCII only.
 _SAFE = re.compile(r"^(?:[\x01-\x09\x0b\x0c\x0e-\x1f\x21-\x39\x3b\x3d-\x7f][\x01-\x09\x0b\x0c\x0e-\x7f]*)?$")
 FOLD_WIDTH = 76
@@ -82,19 +82,21 @@ def read_ldif(stream: IO[str], name: str) -> Iterator[LdifEntry]:
     """Parse content records from a text stream; raise LdifError naming the line on bad input."""
     dn: str | None = None
     dn_line = 0
-    attributes: list[tuple[str, list[str]]] = []
+    attributes: dict[str, tuple[str, list[str]]] = {}  # lower-cased name -> (name as written, values)
     seen_record = False
     for number, line in _logical_lines(stream, name):
         if line == "":
             if dn is not None:
                 yield _entry(dn, attributes, dn_line)
-                dn, attributes = None, []
+                dn, attributes = None, {}
             continue
         match = _ATTR.match(line)
         if not match:
             raise LdifError(f"{name}, line {number}: expected 'attribute: value', found {line[:60]!r}")
         key, separator, text = match.groups()
-        value = _value(name, number, separator, text)
+        value = _value(name, number, separator, text, key)
+        if value is None:
+            continue
         if dn is None:
             if key.lower() == "version" and not seen_record:
                 if value != "1":
@@ -110,23 +112,30 @@ def read_ldif(stream: IO[str], name: str) -> Iterator[LdifEntry]:
                             "export the directory's content (ldapsearch / slapcat output), not changes")
         if key.lower() == "control":
             raise LdifError(f"{name}, line {number}: '{dn}' carries a control: that is a change record")
-        for existing, values in attributes:
-            if existing.lower() == key.lower():
-                values.append(value)
-                break
-        else:
-            attributes.append((key, [value]))
+        attributes.setdefault(key.lower(), (key, []))[1].append(value)
     if dn is not None:
         yield _entry(dn, attributes, dn_line)
 
 
-def _entry(dn: str, attributes: list[tuple[str, list[str]]], line: int) -> LdifEntry:
-    """Freeze a parsed record."""
-    return LdifEntry(dn=dn, attributes=tuple((k, tuple(v)) for k, v in attributes), line=line)
+def _entry(dn: str, attributes: dict[str, tuple[str, list[str]]], line: int) -> LdifEntry:
+    """Freeze a parsed record (attributes in the order they first appear)."""
+    return LdifEntry(dn=dn, attributes=tuple((k, tuple(v)) for k, v in attributes.values()), line=line)
 
 
-def _value(name: str, number: int, separator: str, text: str) -> str:
-    """Decode one value: plain, base64 (::) or refuse URLs (:<)."""
+# Attributes that hold bytes, not text (Active Directory's ldifde writes them into every export).
+# Their values are skipped: nothing in a consolidation reads them, and refusing the whole export
+# for an objectGUID would make AD exports unusable.
+BINARY_ATTRIBUTES = frozenset(name.lower() for name in (
+    "objectGUID", "objectSid", "sIDHistory", "jpegPhoto", "thumbnailPhoto", "photo", "audio", "logonHours",
+    "userCertificate", "userSMIMECertificate", "userPKCS12", "cACertificate", "certificateRevocationList",
+    "mSMQSignCertificates", "mSMQDigests", "msExchMailboxGuid", "msExchMailboxSecurityDescriptor",
+    "msExchMasterAccountSid", "msExchArchiveGUID", "msDS-KeyCredentialLink", "msRTCSIP-UserRoutingGroupId",
+    "terminalServer", "userParameters", "replicationSignature", "msDS-GenerationId",
+))
+
+
+def _value(name: str, number: int, separator: str, text: str, key: str = "") -> str | None:
+    """Decode one value: plain, base64 (::) or refuse URLs (:<); None for a skipped binary value."""
     if separator == ":<":
         raise LdifError(f"{name}, line {number}: values read from URLs (':<') are not supported; "
                         "export with the values inline")
@@ -138,8 +147,10 @@ def _value(name: str, number: int, separator: str, text: str) -> str:
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError as exc:
+            if key.lower() in BINARY_ATTRIBUTES or key.lower().endswith(";binary"):
+                return None
             raise LdifError(f"{name}, line {number}: base64 value is not UTF-8 text "
-                            "(binary attributes such as photos are not supported here)") from exc
+                            f"(attribute '{key}' holds bytes: leave it out of the export)") from exc
     return text
 
 

@@ -1,0 +1,435 @@
+"""Read one old directory (an LDIF export, an LDAP server or a CSV file, plus an HR export) into SourceRecords."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import json
+import re
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import ldap3
+import ldap3.core.exceptions
+
+from mailmerge_gov.config import LdapServer, SecretError, Source
+from mailmerge_gov.directory.ldif import LdifError, read_ldif
+from mailmerge_gov.directory.model import RawAttributes, SourceRecord
+from mailmerge_gov.directory.presets import (
+    PRESETS, EntryError, FieldMap, Parsed, check_address, field_map, keep_raw, normalize_dn, parse_date, read_entry,
+)
+
+__all__ = ["PAGE_SIZE", "SourceError", "SourceRead", "read_source", "records_digest"]
+
+# Entries per LDAP page. AD answers at most 1,000 per page (MaxPageSize) and OpenLDAP's default
+# size limit is 500; 500 stays under both, and a page of 500 entries is a few hundred KB.
+PAGE_SIZE = 500
+_PAGED_RESULTS = "1.2.840.113556.1.4.319"  # RFC 2696 control OID, where ldap3 puts the cookie
+
+CSV_REQUIRED = ("employee_id", "full_name", "citizen_id", "date_of_birth", "unit", "title", "phone")
+CSV_OPTIONAL = ("mail", "aliases", "mobile", "disabled")
+_TRUE = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False, "": False}
+
+
+class SourceError(Exception):
+    """A source cannot be read; the message names the file and line, or the LDAP URL and DN."""
+
+
+@dataclass(frozen=True)
+class SourceRead:
+    """What one source holds: its records, a digest to notice later changes, and notes for a person."""
+
+    records: tuple[SourceRecord, ...]
+    digest: str  # SHA-256 of the records' canonical form (see records_digest)
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def people(self) -> tuple[SourceRecord, ...]:
+        """The person records (role mailboxes included)."""
+        return tuple(record for record in self.records if record.kind == "person")
+
+    @property
+    def groups(self) -> tuple[SourceRecord, ...]:
+        """The group records."""
+        return tuple(record for record in self.records if record.kind == "group")
+
+
+def read_source(source: Source) -> SourceRead:
+    """Read one old directory into records, joined with its HR export when it names one."""
+    directory = source.directory
+    if directory.kind == "csv":
+        if directory.attributes:
+            raise SourceError(f"source {source.name}: directory.attributes: overrides apply to LDAP and LDIF "
+                              f"sources; a CSV file names its columns ({', '.join(CSV_REQUIRED + CSV_OPTIONAL)})")
+        assert directory.path is not None
+        records, warnings = _csv_records(source.name, directory.path)
+    else:
+        try:
+            rules = field_map(PRESETS[directory.preset], directory.attributes)
+        except EntryError as exc:
+            raise SourceError(f"source {source.name}: directory.attributes: {exc}") from None
+        if directory.kind == "ldif":
+            assert directory.path is not None
+            records, warnings = _read_entries(source.name, rules, _ldif_entries(directory.path),
+                                              directory.path.name)
+        elif directory.kind == "ldap":
+            assert directory.ldap is not None
+            # '*' leaves out operational attributes, and two the presets read are operational on
+            # OpenLDAP (pwdAccountLockedTime of ppolicy, memberOf of the memberof overlay): name them all.
+            wanted = sorted({name for _, names in rules.fields for name in names})
+            with contextlib.closing(_ldap_entries(directory.ldap, wanted)) as entries:
+                records, warnings = _read_entries(source.name, rules, entries, directory.ldap.url)
+        else:
+            raise SourceError(f"source {source.name}: unknown directory kind '{directory.kind}'")
+    if directory.hr_csv is not None:
+        records, more = _join_hr(records, directory.hr_csv)
+        warnings += more
+    return SourceRead(records=tuple(records), digest=records_digest(records), warnings=tuple(warnings))
+
+
+def records_digest(records: list[SourceRecord] | tuple[SourceRecord, ...]) -> str:
+    """Return the SHA-256 of the records' canonical form: sorted by DN, every field but `line`."""
+    # Not `line`: a comment added to an export moves lines without changing any data. Sorted by
+    # normalised DN: an LDAP server may return entries in any order.
+    names = [field.name for field in dataclasses.fields(SourceRecord) if field.name != "line"]
+    digest = hashlib.sha256(json.dumps(names).encode() + b"\n")
+    for record in sorted(records, key=lambda r: (normalize_dn(r.dn), r.dn)):
+        # one JSON array per record, fields in the order named on the first line (asdict is 10x slower)
+        values = [getattr(record, name) for name in names]
+        digest.update(json.dumps(values, ensure_ascii=False, separators=(",", ":")).encode() + b"\n")
+    return digest.hexdigest()
+
+
+# --- entries to records --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One entry as a reader delivers it, with where it came from for messages."""
+
+    dn: str
+    attributes: RawAttributes
+    line: int | None
+    origin: str  # "<file>, line 12" or "<LDAP URL>"
+
+
+def _read_entries(name: str, rules: FieldMap, entries: Iterator[_Entry],
+                  label: str) -> tuple[list[SourceRecord], list[str]]:
+    """Turn entries into records; refuse duplicate DNs; resolve group members; fill member_of."""
+    parsed: list[Parsed] = []
+    seen: dict[str, int | None] = {}
+    for entry in entries:
+        key = normalize_dn(entry.dn)
+        if key in seen:
+            first = f"also at line {seen[key]}" if seen[key] is not None else "returned twice"
+            raise SourceError(f"{entry.origin}: duplicate DN '{entry.dn}' ({first})")
+        seen[key] = entry.line
+        try:
+            item = read_entry(rules, name, entry.dn, entry.attributes, entry.line)
+        except EntryError as exc:
+            raise SourceError(f"{entry.origin}: '{entry.dn}': {exc}") from None
+        if item is not None:
+            parsed.append(item)
+    return _link_groups(parsed, label)
+
+
+def _link_groups(parsed: list[Parsed], label: str) -> tuple[list[SourceRecord], list[str]]:
+    """Resolve members named by uid or address to DNs, and give every person the groups it is in."""
+    by_uid: dict[str, str] = {}
+    by_address: dict[str, str] = {}
+    # people first, so that an address shared by a person and a list resolves to the person
+    for item in sorted(parsed, key=lambda p: p.record.kind != "person"):
+        record = item.record
+        if record.kind == "person" and record.uid:
+            by_uid.setdefault(record.uid.lower(), record.dn)
+        for address in record.addresses:
+            by_address.setdefault(address, record.dn)
+    warnings: list[str] = []
+    records: list[SourceRecord] = []
+    member_of: dict[str, list[str]] = {}
+    for item in parsed:
+        record = item.record
+        if record.kind == "group":
+            members = list(record.members)
+            for uid in item.member_uids:
+                dn = by_uid.get(uid.lower())
+                if dn is None:
+                    where = f"{label} line {record.line}" if record.line is not None else label
+                    warnings.append(f"{where}: group '{record.dn}': memberUid '{uid}' has no account in this "
+                                    "source; left out")
+                else:
+                    members.append(dn)
+            # A Zimbra list names its members by address: the DN of the account that has the address,
+            # else the address itself (an outside recipient, still a member the new list must keep).
+            members += [by_address.get(address, address) for address in item.member_addresses]
+            record = dataclasses.replace(record, members=_unique(members))
+            for member in record.members:
+                member_of.setdefault(normalize_dn(member), []).append(record.dn)
+        records.append(record)
+    if member_of:
+        for index, record in enumerate(records):
+            groups = member_of.get(normalize_dn(record.dn)) if record.kind == "person" else None
+            if groups:
+                records[index] = dataclasses.replace(record, member_of=_unique(record.member_of + tuple(groups)))
+    return records, warnings
+
+
+def _unique(dns: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Return DNs (or addresses) without repeats compared normalised, first spelling kept."""
+    seen: dict[str, str] = {}
+    for dn in dns:
+        seen.setdefault(normalize_dn(dn) if "=" in dn else dn.lower(), dn)
+    return tuple(seen.values())
+
+
+# --- LDIF ----------------------------------------------------------------------------------------
+
+
+def _ldif_entries(path: Path) -> Iterator[_Entry]:
+    """Stream the entries of an LDIF export; SourceError for unreadable or malformed input."""
+    try:
+        with path.open(encoding="utf-8") as stream:
+            for entry in read_ldif(stream, str(path)):
+                yield _Entry(entry.dn, entry.attributes, entry.line, f"{path}, line {entry.line}")
+    except LdifError as exc:
+        raise SourceError(str(exc)) from None
+    except UnicodeDecodeError:
+        raise SourceError(f"{path}, line {_first_bad_line(path)}: not UTF-8 text") from None
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def _first_bad_line(path: Path) -> int:
+    """Return the number of the first line that is not UTF-8 (only called after a decode error)."""
+    with path.open("rb") as stream:
+        for number, raw in enumerate(stream, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return number
+    return 0
+
+
+# --- LDAP ----------------------------------------------------------------------------------------
+
+
+def _ldap_entries(server: LdapServer, wanted: list[str]) -> Iterator[_Entry]:
+    """Bind and read the whole subtree under the base DN, page by page (RFC 2696)."""
+    url = server.url
+    try:
+        password = server.password.reveal() if server.password else None
+    except SecretError as exc:
+        raise SourceError(f"{url}: cannot read the bind password: {exc}") from None
+    tls = None
+    if server.use_ssl or server.starttls:
+        tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=str(server.ca_file) if server.ca_file else None)
+    connection = ldap3.Connection(
+        ldap3.Server(server.host, port=server.port, use_ssl=server.use_ssl, tls=tls,
+                     connect_timeout=server.timeout, get_info=ldap3.NONE),
+        user=server.bind_dn, password=password, read_only=True, raise_exceptions=False, auto_referrals=False,
+        # ldap3 packs this into SO_RCVTIMEO with struct: it must be an int
+        receive_timeout=max(1, round(server.timeout)),
+    )
+    try:
+        connection.open()
+        if connection.closed:
+            raise SourceError(f"{url}: cannot connect")
+        if server.starttls and not connection.start_tls():
+            raise SourceError(f"{url}: StartTLS failed: {_ldap_reason(connection)}")
+        if not connection.bind():
+            raise SourceError(f"{url}: bind as {server.bind_dn or 'anonymous'} failed: {_ldap_reason(connection)}")
+        cookie: bytes | None = None
+        while True:
+            # Our own page loop, not ldap3's paged_search generator: that one yields each page
+            # backwards and, without raise_exceptions, ends silently on an error such as
+            # sizeLimitExceeded: a partial directory must never look like a whole one.
+            connection.search(server.base_dn, "(objectClass=*)", ldap3.SUBTREE, attributes=["*", *wanted],
+                              paged_size=PAGE_SIZE, paged_cookie=cookie)
+            if connection.result["result"] != 0:
+                raise SourceError(f"{url}: search of '{server.base_dn}' failed: {_ldap_reason(connection)}")
+            for item in connection.response or ():
+                if item.get("type") == "searchResEntry":  # referrals (AD's DomainDnsZones …) are not entries
+                    yield _Entry(item["dn"], _decoded(item["raw_attributes"]), None, url)
+            cookie = connection.result.get("controls", {}).get(_PAGED_RESULTS, {}).get("value", {}).get("cookie")
+            if not cookie:
+                break
+    except ldap3.core.exceptions.LDAPException as exc:
+        raise SourceError(f"{url}: {_connect_reason(exc)}") from None
+    finally:
+        connection.unbind()
+
+
+def _decoded(raw: dict[str, list[bytes]]) -> RawAttributes:
+    """Return an entry's attributes as text; binary values (objectSid, jpegPhoto …) are left out."""
+    attributes = []
+    for name, values in raw.items():
+        texts = []
+        for value in values:
+            try:
+                texts.append(value.decode("utf-8"))
+            except UnicodeDecodeError:
+                continue  # the LDIF reader refuses binary values too; neither is a field of ours
+        if texts:
+            attributes.append((name, tuple(texts)))
+    return tuple(attributes)
+
+
+def _ldap_reason(connection: ldap3.Connection) -> str:
+    """Describe the last LDAP result of a connection."""
+    result = connection.result or {}
+    text = result.get("description") or "no answer"
+    message = result.get("message")
+    return f"{text} ({message})" if message else text
+
+
+def _connect_reason(exc: BaseException) -> str:
+    """Describe a connection failure the way an administrator reads it."""
+    text = str(exc)
+    # ldap3 wraps the socket error in a list repr; keep the words a person can act on.
+    for marker in ("Connection refused", "timed out", "Name or service not known", "No route to host",
+                   "certificate verify failed"):
+        if marker in text:
+            return f"cannot connect: {marker[0].lower()}{marker[1:]}"
+    return f"connection failed: {text or type(exc).__name__}"
+
+
+# --- CSV -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Row:
+    """One checked CSV row: its physical line and its values by column."""
+
+    line: int
+    values: dict[str, str]
+
+    def get(self, column: str) -> str:
+        """Return a column's value, stripped ('' when the column is absent)."""
+        return self.values.get(column, "").strip()
+
+
+def _csv_rows(path: Path) -> Iterator[_Row]:
+    """Read a CSV file with a header (UTF-8, BOM or not); check columns, dates and yes/no values."""
+    try:
+        # utf-8-sig drops the BOM Excel writes; newline="" lets csv see CRLF and quoted line breaks
+        with path.open(encoding="utf-8-sig", newline="") as stream:
+            reader = csv.reader(stream)
+            header = [name.strip().lower() for name in next(reader, [])]
+            if not any(header):
+                raise SourceError(f"{path}: a header line is required ({', '.join(CSV_REQUIRED)})")
+            for name in header:
+                if name not in CSV_REQUIRED + CSV_OPTIONAL:
+                    raise SourceError(f"{path}, line 1: unknown column '{name}' "
+                                      f"(known: {', '.join(CSV_REQUIRED + CSV_OPTIONAL)})")
+                if header.count(name) > 1:
+                    raise SourceError(f"{path}, line 1: column '{name}' is given twice")
+            for name in CSV_REQUIRED:
+                if name not in header:
+                    raise SourceError(f"{path}, line 1: missing column '{name}'")
+            for fields in reader:
+                line = reader.line_num
+                if not any(field.strip() for field in fields):
+                    continue
+                if len(fields) != len(header):
+                    raise SourceError(f"{path}, line {line}: {len(fields)} fields, the header has {len(header)}")
+                row = _Row(line, dict(zip(header, fields)))
+                born = row.get("date_of_birth")
+                if born and parse_date(born) is None:
+                    raise SourceError(f"{path}, line {line}: date_of_birth: '{born}' is not a date "
+                                      "(write 1986-04-17 or 17/04/1986)")
+                if row.get("disabled").lower() not in _TRUE:
+                    raise SourceError(f"{path}, line {line}: disabled: '{row.get('disabled')}' is not "
+                                      "true/false, yes/no or 1/0")
+                yield row
+    except UnicodeDecodeError:
+        raise SourceError(f"{path}, line {_first_bad_line(path)}: not UTF-8 text") from None
+    except csv.Error as exc:
+        raise SourceError(f"{path}: not a CSV file: {exc}") from None
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read: {exc.strerror}") from None
+
+
+def _csv_records(name: str, path: Path) -> tuple[list[SourceRecord], list[str]]:
+    """Read a CSV directory: every row is a person."""
+    records = []
+    for row in _csv_rows(path):
+        full_name = row.values["full_name"]
+        if not full_name.strip():
+            raise SourceError(f"{path}, line {row.line}: a person without a name (full_name is empty)")
+        addresses = []
+        for column in ("mail", "aliases"):
+            for value in re.split(r"[;\s]+", row.get(column)):
+                if value and check_address(value) is None:
+                    raise SourceError(f"{path}, line {row.line}: {column}: '{value}' is not a valid address")
+                if value and check_address(value) not in addresses:
+                    addresses.append(check_address(value))
+        born = row.get("date_of_birth")
+        records.append(SourceRecord(
+            source=name, dn=f"csv:{path.name}:{row.line}", kind="person", full_name=full_name,
+            mail=addresses[0] if addresses else None, aliases=tuple(addresses[1:]),
+            title=row.get("title") or None, phones=_one(row.get("phone")), mobiles=_one(row.get("mobile")),
+            unit=row.get("unit") or None, employee_id=row.get("employee_id") or None,
+            citizen_id=row.get("citizen_id") or None, birth_date=parse_date(born) if born else None,
+            disabled=_TRUE[row.get("disabled").lower()], line=row.line,
+            raw=keep_raw(tuple((column, (value,)) for column, value in row.values.items() if value.strip())),
+        ))
+    return records, []
+
+
+def _one(value: str) -> tuple[str, ...]:
+    """Return a single optional value as a tuple."""
+    return (value,) if value else ()
+
+
+# --- HR join -------------------------------------------------------------------------------------
+
+
+def _join_hr(records: list[SourceRecord], path: Path) -> tuple[list[SourceRecord], list[str]]:
+    """Fill citizen ID, birth date (and a phone where none) from the HR export, by employee ID."""
+    by_id: dict[str, list[int]] = {}
+    for index, record in enumerate(records):
+        if record.kind == "person" and record.employee_id:
+            by_id.setdefault(record.employee_id.casefold(), []).append(index)
+    warnings: list[str] = []
+    lines: dict[str, int] = {}
+    joined = list(records)
+    for row in _csv_rows(path):
+        employee, full_name = row.get("employee_id"), row.get("full_name")
+        where = f"{path.name} line {row.line}"
+        if not employee:
+            warnings.append(f"{where}: {full_name or 'a row'} has no employee_id; the row joins no account")
+            continue
+        if employee.casefold() in lines:
+            raise SourceError(f"{path}, line {row.line}: employee_id {employee} is also on line "
+                              f"{lines[employee.casefold()]}")
+        lines[employee.casefold()] = row.line
+        who = f"employee {employee} ({full_name})"
+        matches = by_id.get(employee.casefold(), [])
+        if not matches:
+            warnings.append(f"{where}: {who} has no directory account")
+        born = row.get("date_of_birth")
+        hr = {"citizen_id": row.get("citizen_id") or None, "birth_date": parse_date(born) if born else None}
+        for index in matches:
+            record = joined[index]
+            changes: dict[str, object] = {}
+            for field, label in (("citizen_id", "citizen ID"), ("birth_date", "date of birth")):
+                own, theirs = getattr(record, field), hr[field]
+                if own is None:
+                    changes[field] = theirs
+                elif theirs is not None and own != theirs:
+                    # the directory's value is kept; a person decides which one is right
+                    warnings.append(f"{where}: {who}: {label} {theirs} in HR, {own} in the directory")
+            # HR's phone is often a mobile and the directory's a desk phone: fill, never compare
+            if not record.phones and not record.mobiles and row.get("phone"):
+                changes["phones"] = (row.get("phone"),)
+            hr_unit = row.get("unit")
+            if hr_unit and record.unit is None:
+                warnings.append(f"{where}: {who} has no unit in the directory; HR has '{hr_unit}'")
+            elif hr_unit and record.unit != hr_unit:
+                warnings.append(f"{where}: {who} is in '{record.unit}' in the directory, '{hr_unit}' in HR")
+            joined[index] = dataclasses.replace(record, **changes)  # type: ignore[arg-type]
+    return joined, warnings
