@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,6 +18,8 @@ TESTS_DIR = Path(__file__).resolve().parent
 NEW_SUFFIX = "dc=hcm,dc=gov,dc=vn"
 OLD_SUFFIXES = ("dc=binhduong,dc=gov,dc=vn", "dc=baria-vungtau,dc=gov,dc=vn")
 SUFFIXES = (NEW_SUFFIX, *OLD_SUFFIXES)
+# the project's own auxiliary schema (history attributes), as an administrator loads it
+PROJECT_SCHEMA = TESTS_DIR.parent / "directory" / "mailmerge-gov.schema"
 
 
 def started[S: (SlapdServer, DovecotServer, SmtpSink)](server: S) -> S:
@@ -46,7 +49,7 @@ def example_dir() -> Path:
 @pytest.fixture(scope="session")
 def slapd() -> Iterator[SlapdServer]:
     """One private slapd serving the new unit's suffix and the two old units' suffixes."""
-    server = started(SlapdServer(SUFFIXES))
+    server = started(SlapdServer(SUFFIXES, schemas=(PROJECT_SCHEMA,)))
     try:
         yield server
     finally:
@@ -94,3 +97,11 @@ def write_config(tmp_path: Path) -> Callable[..., Path]:
 
     return write
 
+
+
+@pytest.fixture
+def example_copy(example_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of the example, so a test can plan, apply and edit without touching the original."""
+    copy = tmp_path / "hcm-merger"
+    shutil.copytree(example_dir, copy, ignore=shutil.ignore_patterns("state", "out"))
+    return copy

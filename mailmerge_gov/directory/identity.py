@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from mailmerge_gov.directory.model import SourceRecord
 from mailmerge_gov.vietnamese import fold
@@ -87,8 +87,12 @@ class _Groups:
 
 def resolve_identities(records: Sequence[SourceRecord], links: Mapping[str, int],
                        decisions: Mapping[tuple[str, str], str], reserved: Iterable[str],
-                       new_id: Callable[[], int]) -> Resolution:
-    """Group person records into identities, keeping the ids earlier runs gave them."""
+                       new_id: Callable[[], int], source_order: Sequence[str] = ()) -> Resolution:
+    """Group person records into identities, keeping the ids earlier runs gave them.
+
+    New identities are numbered in source order (the config's order of [[sources]]), then by
+    DN, so the surviving unit's officials come first and ids do not depend on source names.
+    """
     people = sorted((r for r in records if r.kind == "person"), key=lambda r: r.ref)
     groups = _Groups(r.ref for r in people)
     different = {pair for pair, decision in decisions.items() if decision == "different"}
@@ -113,19 +117,21 @@ def resolve_identities(records: Sequence[SourceRecord], links: Mapping[str, int]
     members: dict[str, list[SourceRecord]] = defaultdict(list)
     for record in people:
         members[groups.find(record.ref)].append(record)
-    identities = _number(members, links, new_id)
+    rank = {name: index for index, name in enumerate(source_order)}
+    identities = _number(members, links, new_id,
+                         key=lambda root: (rank.get(root.split(":", 1)[0], len(rank)), root))
     reserved = tuple(reserved)
     suggestions = _suggest(people, groups, decisions, reserved)
     return Resolution(identities=identities, suggestions=suggestions, conflicts=conflicts)
 
 
 def _number(members: Mapping[str, list[SourceRecord]], links: Mapping[str, int],
-            new_id: Callable[[], int]) -> dict[int, tuple[SourceRecord, ...]]:
+            new_id: Callable[[], int], key: Callable[[str], Any]) -> dict[int, tuple[SourceRecord, ...]]:
     """Give each group an identity id: the lowest id its records had, else a new one."""
     identities: dict[int, tuple[SourceRecord, ...]] = {}
-    # Groups are numbered in ref order, so when an identity is split (after a "different"
-    # decision) the group with the lowest ref keeps the id and the other gets a new one.
-    for root in sorted(members):
+    # Groups are served in a fixed order, so when an identity is split (after a "different"
+    # decision) the first group keeps the id and the other gets a new one.
+    for root in sorted(members, key=key):
         records = tuple(members[root])
         old = sorted({links[r.ref] for r in records if r.ref in links} - identities.keys())
         identities[old[0] if old else new_id()] = records

@@ -1,0 +1,325 @@
+"""Make the consolidation plan: read sources, map units, resolve identities, assign addresses."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from mailmerge_gov.config import Config
+from mailmerge_gov.directory.addressing import Assignment, Candidate, assign_addresses, held_addresses
+from mailmerge_gov.directory.identity import Resolution, is_role, resolve_identities
+from mailmerge_gov.directory.model import Alias, PlannedPerson, SourceRecord, Structure
+from mailmerge_gov.directory.sources import read_source
+from mailmerge_gov.directory.structure import load_structure, map_unit
+from mailmerge_gov.store import AddressRow, Store
+from mailmerge_gov.vietnamese import split_name
+
+
+class PlanError(Exception):
+    """A plan cannot be made; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Issue:
+    """Something a person must look at; blocking ones stop apply until resolved."""
+
+    kind: str
+    subject: str
+    blocking: bool
+    detail: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A plan as stored: who gets which address in which unit, and what needs review."""
+
+    id: int
+    sources_digest: str
+    people: tuple[PlannedPerson, ...]
+    issues: tuple[Issue, ...]
+    summary: dict[str, Any]
+    structure: Structure
+    groups: tuple[SourceRecord, ...] = ()
+
+    @property
+    def blocking(self) -> tuple[Issue, ...]:
+        """The issues that stop apply."""
+        return tuple(issue for issue in self.issues if issue.blocking)
+
+
+# Issue kinds, in the order the report lists them.
+ISSUE_KINDS = {
+    "suggestion": "Possibly the same official: decide with `directory review`",
+    "conflict": "A decision contradicts the sources",
+    "unit-needs-review": "Old unit marked 'needs review' in the mapping file",
+    "unit-unmapped": "Old unit missing from the mapping file",
+    "no-unit": "Account without a unit",
+    "disabled": "Disabled account: not carried over",
+    "role": "Role mailbox",
+    "collision": "Address taken: a later pattern or a number was used",
+    "source-warning": "Warning from a source",
+}
+
+
+def read_sources(config: Config, store: Store) -> tuple[dict[str, Any], str]:
+    """Read every source into the store; return the reads and the digest of all inputs."""
+    reads = {source.name: read_source(source) for source in config.sources}
+    for name, read in reads.items():
+        store.save_source_records(name, read.digest, read.records)
+    return reads, inputs_digest(config, {name: read.digest for name, read in reads.items()})
+
+
+def inputs_digest(config: Config, source_digests: dict[str, str]) -> str:
+    """Digest of everything a plan is made from: every source and the unit mapping file."""
+    digest = hashlib.sha256()
+    for name in sorted(source_digests):
+        digest.update(f"{name}\0{source_digests[name]}\n".encode())
+    structure = config.directory.structure
+    if structure is not None:
+        digest.update(b"structure\0" + hashlib.sha256(structure.read_bytes()).hexdigest().encode())
+    return digest.hexdigest()
+
+
+def make_plan(config: Config, store: Store) -> Plan:
+    """Make a new plan from the sources and store it; earlier decisions and applies are honoured."""
+    if config.directory.structure is None:
+        raise PlanError(f"{config.path}: [directory] structure is not set: name the unit mapping file "
+                        "(mailmerge-gov directory draft-structure drafts one)")
+    reads, digest = read_sources(config, store)
+    structure = load_structure(config.directory.structure, config)
+    records = [record for read in reads.values() for record in read.records]
+    resolution = resolve_identities(records, store.identity_links(), store.decisions(),
+                                    config.addressing.reserved, store.new_identity,
+                                    source_order=[source.name for source in config.sources])
+    store.link_records({r.ref: identity for identity, rs in resolution.identities.items() for r in rs})
+
+    order = {source.name: index for index, source in enumerate(config.sources)}
+    keep = set(config.addressing.keep_addresses_of)
+    issues: list[Issue] = []
+    drafts = {identity: _draft(identity, rs, config, order, keep)
+              for identity, rs in resolution.identities.items()}
+    assignments = _assign(config, store, drafts, resolution)
+    valid_until = config.transition_ends.isoformat()
+    people = []
+    for identity in sorted(drafts):
+        draft = drafts[identity]
+        unit_code, unit_issues = _unit(structure, draft)
+        issues.extend(unit_issues)
+        assignment = assignments.get(identity)
+        address = assignment.address if assignment else ""
+        aliases = tuple(
+            Alias(a, source, None if a.endswith("@" + config.target.mail_domain) else valid_until)
+            for a, source in _old_addresses(draft.records) if a != address
+        )
+        old_units = tuple((r.source, r.unit or "", _old_code(structure, r)) for r in draft.records)
+        people.append(dataclasses.replace(draft.person, address=address, kept=bool(assignment and assignment.kept),
+                                          unit_code=unit_code, aliases=aliases, old_units=old_units))
+        issues.extend(_person_issues(draft, assignment))
+    issues = _resolution_issues(resolution) + _one_per_unit(issues)
+    for read in reads.values():
+        issues.extend(Issue("source-warning", warning, False, {}) for warning in read.warnings)
+    _save_addresses(store, people)
+    groups = tuple(r for r in records if r.kind == "group")
+    summary = _summary(config, reads, people, issues, structure)
+    plan_id = store.save_plan(digest, summary, [(p.identity, _person_json(p)) for p in people],
+                              [(i.kind, i.subject, i.blocking, i.detail) for i in issues])
+    store.audit("directory-plan", f"plan:{plan_id}", after=summary)
+    return Plan(plan_id, digest, tuple(people), tuple(issues), summary, structure, groups)
+
+
+@dataclass(frozen=True)
+class _Draft:
+    """An identity before it has an address: its records, the record that names it, its person."""
+
+    records: tuple[SourceRecord, ...]
+    naming: SourceRecord
+    person: PlannedPerson
+    keep: str | None
+
+
+def _draft(identity: int, records: Sequence[SourceRecord], config: Config, order: dict[str, int],
+           keep: set[str]) -> _Draft:
+    """Pick the record that names an identity and build its person without an address yet."""
+    # The surviving unit's record first (it is what the official is known by), then enabled
+    # records before disabled ones, then the config's source order.
+    ranked = sorted(records, key=lambda r: (r.source not in keep, r.disabled, order[r.source], r.ref))
+    naming = ranked[0]
+    parts = split_name(naming.full_name)
+    domain = "@" + config.target.mail_domain
+    kept = next((r.mail for r in ranked if r.source in keep and r.mail and r.mail.endswith(domain)), None)
+    role = any(is_role(r, config.addressing.reserved) for r in records)
+    person = PlannedPerson(
+        identity=identity, kind="role" if role else "person", full_name=parts.full, family=parts.family,
+        middle=parts.middle, given=parts.given, address="", kept=False, unit_code=None,
+        title=next((r.title for r in ranked if r.title), None),
+        phones=_merged(r.phones for r in ranked), mobiles=_merged(r.mobiles for r in ranked),
+        disabled=all(r.disabled for r in records), records=tuple(r.ref for r in ranked),
+        groups=_merged(tuple(f"{r.source}:{g}" for g in r.member_of) for r in ranked),
+        mailboxes=tuple((r.source, r.mail) for r in ranked if r.mail),
+    )
+    return _Draft(tuple(ranked), naming, person, kept)
+
+
+def _merged(groups: Any) -> tuple[str, ...]:
+    """Concatenate tuples of strings without repeats, keeping the first order."""
+    seen: dict[str, None] = {}
+    for values in groups:
+        for value in values:
+            seen.setdefault(value, None)
+    return tuple(seen)
+
+
+def _old_addresses(records: Sequence[SourceRecord]) -> list[tuple[str, str]]:
+    """Every address of an identity's records with its source, first owner winning."""
+    seen: dict[str, str] = {}
+    for record in records:
+        for address in record.addresses:
+            seen.setdefault(address, record.source)
+    return sorted(seen.items())
+
+
+def _assign(config: Config, store: Store, drafts: dict[int, _Draft], resolution: Resolution) -> dict[int, Assignment]:
+    """Assign addresses to every identity that is carried over (not disabled)."""
+    rows = store.addresses()
+    owners = [(a, identity) for identity, d in drafts.items() for r in d.records for a in r.addresses]
+    owners += [(row.address, row.identity_id) for row in rows if row.state != "planned"]
+    official = {row.identity_id: (row.address, row.state) for row in rows
+                if row.role == "official" and row.state == "applied"}
+    candidates = [
+        Candidate(identity=identity, kind=d.person.kind, parts=split_name(d.naming.full_name),
+                  source=d.naming.source, own_addresses=tuple(a for r in d.records for a in r.addresses),
+                  keep=d.keep)
+        for identity, d in drafts.items() if not d.person.disabled
+    ]
+    return assign_addresses(candidates, config, held_addresses(owners), official)
+
+
+def _unit(structure: Structure, draft: _Draft) -> tuple[str | None, list[Issue]]:
+    """Map the naming record's old unit to a new unit code, with the issue if it cannot be."""
+    record = draft.naming
+    subject = f"{record.ref} ({draft.person.full_name})"
+    if record.unit is None:
+        return None, [] if draft.person.disabled else [Issue("no-unit", subject, False, {"source": record.source})]
+    mapping = map_unit(structure, record.source, record.unit)
+    if mapping is None:
+        return None, [Issue("unit-unmapped", f"{record.source}: {record.unit}", True,
+                            {"source": record.source, "old_unit": record.unit, "record": record.ref})]
+    if mapping.status != "ok" or mapping.new_code is None:
+        return mapping.new_code, [Issue("unit-needs-review", f"{record.source}: {record.unit}", True,
+                                        {"source": record.source, "old_unit": record.unit, "line": mapping.line,
+                                         "record": record.ref})]
+    return mapping.new_code, []
+
+
+def _one_per_unit(issues: list[Issue]) -> list[Issue]:
+    """Report an unmapped or to-be-reviewed old unit once, with every official it concerns."""
+    merged: dict[tuple[str, str], Issue] = {}
+    out: list[Issue] = []
+    for issue in issues:
+        if issue.kind not in ("unit-unmapped", "unit-needs-review"):
+            out.append(issue)
+            continue
+        key = (issue.kind, issue.subject)
+        if key not in merged:
+            detail = {k: v for k, v in issue.detail.items() if k != "record"}
+            merged[key] = Issue(issue.kind, issue.subject, issue.blocking, {**detail, "records": []})
+            out.append(merged[key])
+        merged[key].detail["records"].append(issue.detail["record"])
+    return out
+
+
+def _old_code(structure: Structure, record: SourceRecord) -> str | None:
+    """Return the official code of a record's old unit, when the mapping file gives one."""
+    mapping = map_unit(structure, record.source, record.unit) if record.unit else None
+    return mapping.old_code if mapping else None
+
+
+def _person_issues(draft: _Draft, assignment: Assignment | None) -> list[Issue]:
+    """Report disabled accounts, role mailboxes and collisions of one identity."""
+    person = draft.person
+    subject = f"{person.full_name} ({', '.join(person.records)})"
+    issues = []
+    if person.disabled:
+        issues.append(Issue("disabled", subject, False, {"records": list(person.records)}))
+    if person.kind == "role" and assignment:
+        issues.append(Issue("role", subject, False, {"address": assignment.address}))
+    if assignment and assignment.taken:
+        issues.append(Issue("collision", subject, False,
+                            {"address": assignment.address, "taken": list(assignment.taken), "how": assignment.how}))
+    return issues
+
+
+def _resolution_issues(resolution: Resolution) -> list[Issue]:
+    """Turn open suggestions and conflicting decisions into blocking issues."""
+    issues = [Issue("suggestion", f"{s.ref_a} | {s.ref_b}", True, {"a": s.ref_a, "b": s.ref_b, "reason": s.reason})
+              for s in resolution.suggestions]
+    issues += [Issue("conflict", text, True, {}) for text in resolution.conflicts]
+    return issues
+
+
+def _save_addresses(store: Store, people: Sequence[PlannedPerson]) -> None:
+    """Store the plan's official addresses and the old addresses kept as aliases."""
+    rows = []
+    for person in people:
+        if person.address:
+            rows.append(AddressRow(person.address, person.identity, "official", "planned"))
+        rows += [AddressRow(a.address, person.identity, "alias", "planned", a.source, a.valid_until)
+                 for a in person.aliases]
+    # An address another identity holds for good (applied) is never touched: the assignment
+    # already kept clear of those, so save_addresses' refusal would mean a bug, not bad input.
+    store.drop_planned_addresses({row.address for row in rows})
+    store.save_addresses(rows)
+
+
+def _summary(config: Config, reads: dict[str, Any], people: Sequence[PlannedPerson], issues: Sequence[Issue],
+             structure: Structure) -> dict[str, Any]:
+    """Count what a reviewer wants to see first."""
+    carried = [p for p in people if not p.disabled]
+    return {
+        "sources": {name: len(read.records) for name, read in reads.items()},
+        "identities": len(people),
+        "carried_over": len(carried),
+        "kept_addresses": sum(p.kept for p in carried),
+        "new_addresses": sum(not p.kept for p in carried if p.address),
+        "aliases": sum(len(p.aliases) for p in carried),
+        "disabled": len(people) - len(carried),
+        "roles": sum(p.kind == "role" for p in carried),
+        "units": len(structure.units),
+        "issues": {kind: sum(i.kind == kind for i in issues) for kind in ISSUE_KINDS},
+        "blocking": sum(i.blocking for i in issues),
+        "transition_ends": config.transition_ends.isoformat(),
+    }
+
+
+def _person_json(person: PlannedPerson) -> dict[str, Any]:
+    """Serialise a planned person for the store."""
+    return dataclasses.asdict(person)
+
+
+def person_from_json(data: dict[str, Any]) -> PlannedPerson:
+    """Rebuild a planned person from the store."""
+    values = dict(data)
+    values["aliases"] = tuple(Alias(**a) for a in data["aliases"])
+    values["old_units"] = tuple(tuple(u) for u in data["old_units"])
+    for key in ("phones", "mobiles", "records", "groups"):
+        values[key] = tuple(data[key])
+    values["mailboxes"] = tuple(tuple(m) for m in data.get("mailboxes", ()))
+    return PlannedPerson(**values)
+
+
+def load_plan(config: Config, store: Store, plan_id: int | None = None) -> Plan:
+    """Load a stored plan (the newest by default) with the current unit mapping file."""
+    header = store.plan(plan_id) if plan_id is not None else store.latest_plan()
+    if header is None:
+        raise PlanError("no plan yet: run `mailmerge-gov directory plan` first" if plan_id is None
+                        else f"there is no plan {plan_id}")
+    if config.directory.structure is None:
+        raise PlanError(f"{config.path}: [directory] structure is not set")
+    people = tuple(person_from_json(data) for data in store.plan_people(header.id))
+    issues = tuple(Issue(i.kind, i.subject, i.blocking, i.detail) for i in store.plan_issues(header.id))
+    groups = tuple(r for r in store.source_records() if r.kind == "group")
+    return Plan(header.id, header.sources_digest, people, issues, header.summary,
+                load_structure(config.directory.structure, config), groups)

@@ -1,0 +1,101 @@
+"""The plan of the example merger: who gets which address, what needs review, and stability."""
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from mailmerge_gov.config import load_config
+from mailmerge_gov.directory.plan import load_plan, make_plan
+from mailmerge_gov.directory.report import write_report
+from mailmerge_gov.store import open_store
+
+
+@pytest.fixture
+def planned(example_copy: Path):
+    """The example's config, an open store, and its first plan."""
+    config = load_config(example_copy / "consolidation.toml")
+    with open_store(config.state_file) as store:
+        yield config, store, make_plan(config, store)
+
+
+def by_name(plan, name: str):
+    return [p for p in plan.people if p.full_name == name]
+
+
+def test_summary_of_the_example(planned) -> None:
+    _, _, plan = planned
+    assert plan.summary == {
+        "sources": {"hcm": 307, "binhduong": 256, "baria-vungtau": 225}, "identities": 779, "carried_over": 760,
+        "kept_addresses": 298, "new_addresses": 462, "aliases": 913, "disabled": 19, "roles": 10, "units": 32,
+        "issues": {"suggestion": 23, "conflict": 0, "unit-needs-review": 7, "unit-unmapped": 0, "no-unit": 6,
+                   "disabled": 19, "role": 10, "collision": 142, "source-warning": 5},
+        "blocking": 30, "transition_ends": "2026-06-30",
+    }
+
+
+def test_official_in_two_sources_is_one_identity_with_every_old_address(planned) -> None:
+    _, _, plan = planned
+    [ha] = by_name(plan, "Trần Thị Thu Hà")
+    assert (ha.address, ha.unit_code, ha.kept) == ("hattt@hcm.gov.vn", "79.STP", False)
+    assert [(a.address, a.source, a.valid_until) for a in ha.aliases] == [
+        ("ha.tranthithu@binhduong.gov.vn", "binhduong", "2026-06-30"),
+        ("ha.tranthithu@sotp.binhduong.gov.vn", "binhduong", "2026-06-30"),
+        ("tranthithuha@baria-vungtau.gov.vn", "baria-vungtau", "2026-06-30"),
+        ("tranthithuha@binhduong.gov.vn", "binhduong", "2026-06-30"),
+        ("tttha@baria-vungtau.gov.vn", "baria-vungtau", "2026-06-30"),
+        ("tttha@brvt.gov.vn", "baria-vungtau", "2026-06-30"),
+    ]
+    assert ha.old_units == (("binhduong", "Sở Tư pháp tỉnh Bình Dương", "74.STP"), ("baria-vungtau", "Sở Tư pháp", "77.STP"))
+
+
+def test_surviving_unit_keeps_its_addresses_and_newcomers_queue_behind(planned) -> None:
+    _, _, plan = planned
+    ans = sorted((p.address, p.kept, p.records[0].split(":")[0]) for p in by_name(plan, "Nguyễn Văn An"))
+    # an.nguyen@ (the second pattern) went to Nguyễn Quốc An, who came first in source order.
+    assert ans == [
+        ("annv2@hcm.gov.vn", True, "hcm"), ("annv3@hcm.gov.vn", True, "hcm"), ("annv4@hcm.gov.vn", True, "hcm"),
+        ("annv5@hcm.gov.vn", True, "hcm"), ("annv6@hcm.gov.vn", False, "binhduong"),
+        ("annv7@hcm.gov.vn", False, "binhduong"), ("annv8@hcm.gov.vn", False, "binhduong"),
+        ("annv9@hcm.gov.vn", False, "baria-vungtau"), ("annv@hcm.gov.vn", True, "hcm"),
+    ]
+
+
+def test_the_same_inputs_give_the_same_plan(example_copy: Path, tmp_path: Path) -> None:
+    config = load_config(example_copy / "consolidation.toml")
+    plans = []
+    for name in ("a.sqlite", "b.sqlite"):
+        with open_store(tmp_path / name) as store:
+            plans.append(make_plan(config, store))
+    assert plans[0].people == plans[1].people
+    assert plans[0].issues == plans[1].issues
+
+
+def test_a_replan_keeps_applied_addresses_and_decisions(planned) -> None:
+    config, store, first = planned
+    [ha] = by_name(first, "Trần Thị Thu Hà")
+    store.mark_addresses_applied([p.identity for p in first.people])
+    suggestion = next(i for i in first.issues if i.kind == "suggestion")
+    store.decide(suggestion.detail["a"], suggestion.detail["b"], "different")
+    second = make_plan(config, store)
+    assert {p.identity: p.address for p in second.people} == {p.identity: p.address for p in first.people}
+    assert [i.subject for i in second.issues if i.kind == "suggestion"] == [
+        i.subject for i in first.issues if i.kind == "suggestion" and i is not suggestion]
+    assert load_plan(config, store).people == second.people
+
+
+def test_report_files(planned) -> None:
+    config, store, plan = planned
+    header = store.plan(plan.id)
+    files = write_report(plan, config, config.state_file.parent / "reports", header.created_at, header.actor)
+    html = files.html.read_text(encoding="utf-8")
+    assert "<h1>Kế hoạch hợp nhất danh bạ #1 <span class=\"en\">Directory consolidation plan</span></h1>" in html
+    assert "<td>hattt@hcm.gov.vn</td>" in html
+    with files.people_csv.open(encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 779
+    [ha] = [r for r in rows if r["full_name"] == "Trần Thị Thu Hà"]
+    assert (ha["address"], ha["unit_name"], ha["kept"]) == ("hattt@hcm.gov.vn", "Sở Tư pháp", "no")
+    with files.issues_csv.open(encoding="utf-8") as handle:
+        issues = list(csv.DictReader(handle))
+    assert sum(r["blocking"] == "yes" for r in issues) == 30
