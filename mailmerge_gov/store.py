@@ -6,6 +6,8 @@ import dataclasses
 import datetime as dt
 import getpass
 import json
+import os
+import socket
 import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,9 +122,30 @@ def _create_directory_plan(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
+def _create_apply_log(db: sqlite3.Connection) -> None:
+    """Version 3: the directory apply log: every apply run and every change it made or meant to make."""
+    statements = [
+        # pid and host tell a run that is still going from one whose process was killed.
+        "CREATE TABLE directory_applies (id INTEGER PRIMARY KEY, plan_id INTEGER NOT NULL,"
+        " target TEXT NOT NULL, base_dn TEXT NOT NULL, started_at TEXT NOT NULL, finished_at TEXT,"
+        " status TEXT NOT NULL CHECK (status IN ('running', 'finished', 'failed', 'rolled-back')),"
+        " backup TEXT, actor TEXT NOT NULL, pid INTEGER NOT NULL, host TEXT NOT NULL, error TEXT)",
+        # A change is written here (intended) before it is sent and marked done after the server said
+        # yes, so after a crash: done = written, intended = maybe written, refused = not written.
+        "CREATE TABLE directory_apply_changes (apply_id INTEGER NOT NULL REFERENCES directory_applies(id),"
+        " seq INTEGER NOT NULL, op TEXT NOT NULL CHECK (op IN ('add', 'modify', 'disable')),"
+        " dn TEXT NOT NULL, before_json TEXT NOT NULL, after_json TEXT NOT NULL,"
+        " state TEXT NOT NULL CHECK (state IN ('intended', 'done', 'refused', 'undone')),"
+        " PRIMARY KEY (apply_id, seq))",
+    ]
+    for statement in statements:
+        db.execute(statement)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "audit log", _create_audit_log),
     Migration(2, "directory plan", _create_directory_plan),
+    Migration(3, "directory apply log", _create_apply_log),
 )
 
 
@@ -382,6 +405,103 @@ class Store:
         """Return every signed-off subject with who signed it."""
         return dict(self.db.execute("SELECT subject, actor FROM signoffs"))
 
+    # --- directory: apply log ---------------------------------------------------------------------
+
+    def start_apply(self, plan_id: int, target: str, base_dn: str, actor: str | None = None) -> int:
+        """Record a new apply run (status running) and return its id."""
+        cursor = self.db.execute(
+            "INSERT INTO directory_applies (plan_id, target, base_dn, started_at, status, actor, pid, host)"
+            " VALUES (?, ?, ?, ?, 'running', ?, ?, ?)",
+            (plan_id, target, base_dn, _now(), actor or current_actor(), os.getpid(), socket.gethostname()))
+        return int(cursor.lastrowid)
+
+    def set_apply_backup(self, apply_id: int, backup: Path) -> None:
+        """Record where an apply run backed up the entries it touches."""
+        self.db.execute("UPDATE directory_applies SET backup = ? WHERE id = ?", (str(backup), apply_id))
+
+    def record_apply_changes(self, apply_id: int, changes: Sequence[tuple[int, str, str, Any, Any]]) -> None:
+        """Record (seq, op, dn, before, after) changes as intended, before they are written."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.executemany(
+                "INSERT INTO directory_apply_changes (apply_id, seq, op, dn, before_json, after_json, state)"
+                " VALUES (?, ?, ?, ?, ?, ?, 'intended')",
+                [(apply_id, seq, op, dn, _to_json(before), _to_json(after)) for seq, op, dn, before, after in changes])
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def complete_apply_changes(self, apply_id: int, seqs: Sequence[int]) -> None:
+        """Mark changes written (done) and put each in the audit log, in one transaction."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for seq in seqs:
+                dn, before, after = self.db.execute(
+                    "SELECT dn, before_json, after_json FROM directory_apply_changes WHERE apply_id = ? AND seq = ?",
+                    (apply_id, seq)).fetchone()
+                self.db.execute("UPDATE directory_apply_changes SET state = 'done' WHERE apply_id = ? AND seq = ?",
+                                (apply_id, seq))
+                self.audit("directory-apply", dn, _from_json(before), _from_json(after))
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def refuse_apply_change(self, apply_id: int, seq: int) -> None:
+        """Mark a change the server refused: nothing of it was written."""
+        self.db.execute("UPDATE directory_apply_changes SET state = 'refused' WHERE apply_id = ? AND seq = ?",
+                        (apply_id, seq))
+
+    def undo_apply_changes(self, apply_id: int, undone: Sequence[tuple[int, Any, Any]]) -> None:
+        """Mark (seq, before, after) changes undone by a rollback and put each undo in the audit log."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for seq, before, after in undone:
+                dn = self.db.execute("SELECT dn FROM directory_apply_changes WHERE apply_id = ? AND seq = ?",
+                                     (apply_id, seq)).fetchone()[0]
+                self.db.execute("UPDATE directory_apply_changes SET state = 'undone' WHERE apply_id = ? AND seq = ?",
+                                (apply_id, seq))
+                if before is not None or after is not None:
+                    self.audit("directory-rollback", dn, before, after)
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def finish_apply(self, apply_id: int, status: str, error: str | None = None) -> None:
+        """Record how an apply run ended (finished, failed or rolled-back) in the run and the audit log."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            before = self.db.execute("SELECT status FROM directory_applies WHERE id = ?", (apply_id,)).fetchone()[0]
+            self.db.execute("UPDATE directory_applies SET status = ?, finished_at = ?, error = ? WHERE id = ?",
+                            (status, _now(), error, apply_id))
+            action = "directory-rollback" if status == "rolled-back" else "directory-apply"
+            self.audit(action, f"apply {apply_id}", {"status": before}, {"status": status, "error": error})
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def apply_runs(self) -> list[ApplyRun]:
+        """Return every apply run, oldest first."""
+        rows = self.db.execute(
+            "SELECT id, plan_id, target, base_dn, started_at, finished_at, status, backup, actor, pid, host, error"
+            " FROM directory_applies ORDER BY id")
+        return [ApplyRun(*row) for row in rows]
+
+    def apply_run(self, apply_id: int) -> ApplyRun | None:
+        """Return one apply run, or None when there is none with this id."""
+        return next((run for run in self.apply_runs() if run.id == apply_id), None)
+
+    def apply_changes(self, apply_id: int) -> list[ApplyChangeRow]:
+        """Return the changes of an apply run in the order they were (to be) written."""
+        rows = self.db.execute(
+            "SELECT apply_id, seq, op, dn, before_json, after_json, state FROM directory_apply_changes"
+            " WHERE apply_id = ? ORDER BY seq", (apply_id,))
+        return [ApplyChangeRow(a, seq, op, dn, _attributes(before), _attributes(after), state)
+                for a, seq, op, dn, before, after, state in rows]
+
 
 @dataclass(frozen=True)
 class AddressRow:
@@ -393,6 +513,37 @@ class AddressRow:
     state: str
     source: str | None = None
     valid_until: str | None = None
+
+
+@dataclass(frozen=True)
+class ApplyRun:
+    """One run of directory apply: where it wrote, how it ended, where its backup is."""
+
+    id: int
+    plan_id: int
+    target: str
+    base_dn: str
+    started_at: str
+    finished_at: str | None
+    status: str  # running, finished, failed or rolled-back
+    backup: str | None
+    actor: str
+    pid: int
+    host: str
+    error: str | None
+
+
+@dataclass(frozen=True)
+class ApplyChangeRow:
+    """One change of an apply run: the attributes it changes, before and after, and how far it got."""
+
+    apply_id: int
+    seq: int
+    op: str  # add, modify or disable
+    dn: str
+    before: tuple[tuple[str, tuple[str, ...]], ...]
+    after: tuple[tuple[str, tuple[str, ...]], ...]
+    state: str  # intended, done, refused or undone
 
 
 @dataclass(frozen=True)
@@ -447,6 +598,11 @@ def _to_json(value: Any) -> str | None:
 def _from_json(text: str | None) -> Any:
     """Parse a stored before/after value."""
     return None if text is None else json.loads(text)
+
+
+def _attributes(text: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """Parse stored attributes ([[name, [value, …]], …]) back into tuples."""
+    return tuple((name, tuple(values)) for name, values in json.loads(text))
 
 
 def open_store(path: Path, migrations: Sequence[Migration] = MIGRATIONS) -> Store:

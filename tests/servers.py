@@ -193,12 +193,13 @@ def dn_in_suffix(dn: str, suffix: str) -> bool:
 class SlapdServer:
     """A private OpenLDAP slapd serving several mdb suffixes on a free loopback port."""
 
-    def __init__(self, suffixes: Sequence[str], seed_ldif: str = "") -> None:
-        """Describe the instance; nothing runs until start()."""
+    def __init__(self, suffixes: Sequence[str], seed_ldif: str = "", schemas: Sequence[str | Path] = ()) -> None:
+        """Describe the instance; nothing runs until start(). `schemas`: extra slapd.conf schema files to include."""
         if not suffixes:
             raise ValueError("SlapdServer needs at least one suffix")
         self.suffixes: tuple[str, ...] = tuple(suffixes)
         self.seed_ldif = seed_ldif
+        self.schemas: tuple[Path, ...] = tuple(Path(schema).resolve() for schema in schemas)
         # hex only: safe unquoted in slapd.conf and on any client's command line
         self.admin_password = secrets.token_hex(12)
         self.config_dn = "cn=admin,cn=config"
@@ -268,6 +269,7 @@ class SlapdServer:
 
     def config_text(self) -> str:
         """Return slapd.conf for this instance."""
+        extra_schemas = "".join(f'include   "{schema}"\n' for schema in self.schemas)
         head = f"""\
 include   /etc/ldap/schema/core.schema
 include   /etc/ldap/schema/cosine.schema
@@ -275,7 +277,7 @@ include   /etc/ldap/schema/inetorgperson.schema
 include   /etc/ldap/schema/nis.schema
 # misc: inetLocalMailRecipient (mailLocalAddress, mailRoutingAddress), the target schema in DESIGN.md
 include   /etc/ldap/schema/misc.schema
-pidfile   {self.dir}/slapd.pid
+{extra_schemas}pidfile   {self.dir}/slapd.pid
 argsfile  {self.dir}/slapd.args
 loglevel  none
 modulepath /usr/lib/ldap
