@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
+from collections import Counter
 from pathlib import Path
+from typing import Iterator
 
 import click
 
 from mailmerge_gov import __version__
 from mailmerge_gov.check import check_config
-from mailmerge_gov.config import Config, ConfigError, load_config
+from mailmerge_gov.config import Config, ConfigError, SecretError, load_config
+from mailmerge_gov.directory.addressing import AddressingError
+from mailmerge_gov.directory.apply import ApplyError, ApplyResult, RollbackError, format_changes, rollback
+from mailmerge_gov.directory.applyplan import apply_plan
+from mailmerge_gov.directory.entries import desired_entries
+from mailmerge_gov.directory.export import (address_map, directory_csv, directory_vcards, jobs_csv, mailbox_jobs,
+                                           map_csv)
+from mailmerge_gov.directory.ldif import format_entry
+from mailmerge_gov.directory.plan import PlanError, load_plan, make_plan
+from mailmerge_gov.directory.report import write_report
+from mailmerge_gov.directory.sources import SourceError, read_source
+from mailmerge_gov.directory.structure import StructureError, draft_structure, load_structure
+from mailmerge_gov.store import Store, StoreError, open_store
+
+# The library's named errors: each carries a message a person can act on.
+LIBRARY_ERRORS = (ConfigError, SecretError, StoreError, SourceError, StructureError, AddressingError, PlanError,
+                  ApplyError, RollbackError)
 
 CONFIG_HELP = "The consolidation file (default: $MAILMERGE_GOV_CONFIG or ./consolidation.toml)."
 
@@ -64,9 +84,227 @@ def directory() -> None:
     """Consolidate the old directories into the new one, and search it."""
 
 
+@contextlib.contextmanager
+def opened(config: Config) -> Iterator[Store]:
+    """Open the state store, turning library errors of the block into messages for the user."""
+    try:
+        with open_store(config.state_file) as store:
+            yield store
+    except LIBRARY_ERRORS as exc:
+        raise click.ClickException(str(exc)) from exc
+
+
+@directory.command("plan")
+@config_option
+def directory_plan(config_path: Path) -> None:
+    """Read the old directories and make the consolidation plan and its report.
+
+    Nothing is written to the new directory: review the report, resolve what it lists
+    (directory review, the unit mapping file), then run directory apply.
+    """
+    config = read_config(config_path)
+    with opened(config) as store:
+        plan = make_plan(config, store)
+        header = store.plan(plan.id)
+        files = write_report(plan, config, reports_folder(config), header.created_at, header.actor)
+    summary = plan.summary
+    records = sum(summary["sources"].values())
+    click.echo(f"plan {plan.id}: {records} records from {len(summary['sources'])} sources -> "
+               f"{summary['identities']} officials; {summary['carried_over']} carried over "
+               f"({summary['kept_addresses']} keep their address, {summary['new_addresses']} get a new one), "
+               f"{summary['disabled']} disabled not carried over")
+    counts = ", ".join(f"{count} {kind}" for kind, count in summary["issues"].items() if count)
+    click.echo(f"review items: {summary['blocking']} blocking apply; all: {counts or 'none'}")
+    click.echo(f"report: {files.html}")
+    click.echo(f"        {files.people_csv}")
+    click.echo(f"        {files.issues_csv}")
+
+
+def reports_folder(config: Config) -> Path:
+    """Folder where reports are written: beside the state file."""
+    return config.state_file.parent / "reports"
+
+
+@directory.command("review")
+@config_option
+@click.option("--same", "same", type=int, metavar="N", help="Suggestion N is one official: merge the records.")
+@click.option("--different", "different", type=int, metavar="N", help="Suggestion N is two officials.")
+def directory_review(config_path: Path, same: int | None, different: int | None) -> None:
+    """List the open suggestions of the newest plan, or decide one.
+
+    Decisions are kept in the state store and honoured by every later plan.
+    """
+    if same is not None and different is not None:
+        raise click.UsageError("give --same or --different, not both")
+    config = read_config(config_path)
+    with opened(config) as store:
+        plan = load_plan(config, store)
+        suggestions = [issue for issue in plan.issues if issue.kind == "suggestion"]
+        decided = store.decisions()
+        open_ = [s for s in suggestions if tuple(sorted((s.detail["a"], s.detail["b"]))) not in decided]
+        number = same if same is not None else different
+        if number is not None:
+            if not 1 <= number <= len(suggestions):
+                raise click.ClickException(f"plan {plan.id} has no suggestion {number} (it has {len(suggestions)})")
+            chosen = suggestions[number - 1]
+            decision = "same" if same is not None else "different"
+            store.decide(chosen.detail["a"], chosen.detail["b"], decision)
+            click.echo(f"decided: {chosen.detail['a']} and {chosen.detail['b']} are "
+                       f"{'the same official' if decision == 'same' else 'different officials'}; "
+                       "run directory plan again to use the decision")
+            return
+        records = {r.ref: r for r in store.source_records()}
+        for index, issue in enumerate(suggestions, start=1):
+            state = "open" if issue in open_ else f"decided: {decided[tuple(sorted((issue.detail['a'], issue.detail['b'])))]}"
+            click.echo(f"{index}. {issue.detail['reason']} ({state})")
+            for ref in (issue.detail["a"], issue.detail["b"]):
+                record = records.get(ref)
+                if record:
+                    facts = [record.full_name, record.unit or "(no unit)", record.birth_date or "",
+                             record.mail or "", record.title or ""]
+                    click.echo(f"     {ref}")
+                    click.echo(f"       {' | '.join(f for f in facts if f)}")
+        click.echo(f"{len(open_)} open suggestions of plan {plan.id}. "
+                   "Decide with: mailmerge-gov directory review --same N | --different N")
+
+
+@directory.command("apply")
+@config_option
+@click.option("--dry-run", is_flag=True, help="Print the exact LDAP changes; write nothing.")
+@click.option("--force", is_flag=True, help="Apply even if the sources changed or review items are open.")
+@click.option("--max-disables", type=click.IntRange(min=0), default=None,
+              help="Allow disabling this many accounts in this run (default: [directory] max_disables).")
+def directory_apply(config_path: Path, dry_run: bool, force: bool, max_disables: int | None) -> None:
+    """Write the newest plan into the new directory, with a backup first.
+
+    Refuses a plan whose sources changed or that has unresolved review items (unless
+    --force); never deletes an entry; every change is in the audit log and can be undone
+    with directory rollback.
+    """
+    config = read_config(config_path)
+    with opened(config) as store:
+        plan, result = apply_plan(config, store, dry_run=dry_run, force=force, max_disables=max_disables)
+    if dry_run:
+        click.echo(format_changes(result), nl=False)
+        click.echo(f"dry run of plan {plan.id}: {_count_changes(result)}; nothing written")
+        return
+    click.echo(f"apply {result.apply_id} of plan {plan.id}: {_count_changes(result)}")
+    if result.backup:
+        click.echo(f"backup of the entries before the change: {result.backup}")
+    if result.unmanaged:
+        click.echo(f"{len(result.unmanaged)} entries under the base DN are not managed by mailmerge-gov and were left alone")
+    if result.changes:
+        click.echo(f"undo with: mailmerge-gov directory rollback -c {config_path} {result.apply_id}")
+
+
+def _count_changes(result: ApplyResult) -> str:
+    """Say how many entries an apply adds, modifies and disables."""
+    counts = Counter(change.op for change in result.changes)
+    return f"{counts['add']} added, {counts['modify']} modified, {counts['disable']} disabled"
+
+
+@directory.command("rollback")
+@config_option
+@click.argument("apply_id", type=int)
+@click.option("--dry-run", is_flag=True, help="Print the changes that would undo the apply; write nothing.")
+def directory_rollback(config_path: Path, apply_id: int, dry_run: bool) -> None:
+    """Restore the new directory to its state before apply APPLY_ID."""
+    config = read_config(config_path)
+    if config.target.directory is None:
+        raise click.ClickException(f"{config.path}: [target.directory] is not set")
+    with opened(config) as store:
+        result = rollback(store, config.target.directory, apply_id, base_dn=config.target.base_dn, dry_run=dry_run)
+    click.echo(f"rollback of apply {apply_id}: {len(result.changes)} changes {'to make (dry run)' if dry_run else 'made'}")
+
+
+@directory.command("draft-structure")
+@config_option
+@click.option("--province", required=True, metavar="CODE", help="Official code of the new province (79).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write here instead of standard output (refuses to overwrite).")
+def directory_draft_structure(config_path: Path, province: str, output: Path | None) -> None:
+    """Draft the unit mapping file from the official 2025 lists and the old directories."""
+    config = read_config(config_path)
+    try:
+        departments = {source.name: sorted({r.unit for r in read_source(source).records if r.unit})
+                       for source in config.sources}
+        path = config.directory.structure
+        # An existing mapping file keeps the codes it gave: drafting again must not renumber units.
+        existing = load_structure(path, config) if path is not None and path.exists() else None
+        text = draft_structure(province, config, departments, existing=existing)
+    except LIBRARY_ERRORS as exc:
+        raise click.ClickException(str(exc)) from exc
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    try:
+        with output.open("x", encoding="utf-8") as handle:
+            handle.write(text)
+    except FileExistsError as exc:
+        raise click.ClickException(f"{output} exists; choose another name or remove it first") from exc
+    review = sum(1 for line in text.splitlines() if line.endswith(",needs review"))
+    click.echo(f"wrote {output}: {len(text.splitlines()) - 1} lines, {review} need review")
+
+
+def _write_or_echo(text: str, output: Path | None, what: str) -> None:
+    """Write text to a file atomically, or to standard output."""
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    temporary = output.with_name(output.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8", newline="")
+    temporary.replace(output)
+    click.echo(f"wrote {output}: {what}", err=True)
+
+
+@directory.command("export-map")
+@config_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write here instead of standard output.")
+def directory_export_map(config_path: Path, output: Path | None) -> None:
+    """Export the address map of the newest plan (old_address,new_address,valid_until): the relay's input."""
+    config = read_config(config_path)
+    with opened(config) as store:
+        rows = address_map(load_plan(config, store).people, config)
+    _write_or_echo(map_csv(rows), output, f"{len(rows)} old addresses")
+
+
+@directory.command("export")
+@config_option
+@click.option("--format", "fmt", type=click.Choice(["ldif", "csv", "vcard"]), required=True)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write here instead of standard output.")
+def directory_export(config_path: Path, fmt: str, output: Path | None) -> None:
+    """Export the new directory of the newest plan as LDIF, CSV or vCards."""
+    config = read_config(config_path)
+    with opened(config) as store:
+        plan = load_plan(config, store)
+    if fmt == "ldif":
+        entries = desired_entries(plan.people, plan.structure, config, dt.date.today(), include_base=True)
+        text = "".join(format_entry(entry.dn, entry.attributes) for entry in entries)
+    elif fmt == "csv":
+        text = directory_csv(plan.people, plan.structure)
+    else:
+        text = directory_vcards(plan.people, plan.structure, config)
+    carried = sum(1 for p in plan.people if p.address and not p.disabled)
+    _write_or_echo(text, output, f"{carried} officials")
+
+
 @cli.group()
 def mailbox() -> None:
     """Migrate mailboxes from the old mail systems and verify nothing was lost."""
+
+
+@mailbox.command("jobs")
+@config_option
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write here instead of standard output.")
+def mailbox_jobs_command(config_path: Path, output: Path | None) -> None:
+    """List the mailbox jobs of the newest plan (source,source_mailbox,target_mailbox,identity)."""
+    config = read_config(config_path)
+    with opened(config) as store:
+        jobs = mailbox_jobs(load_plan(config, store).people, config)
+    _write_or_echo(jobs_csv(jobs), output, f"{len(jobs)} mailboxes")
 
 
 @cli.group()

@@ -105,3 +105,23 @@ def example_copy(example_dir: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "hcm-merger"
     shutil.copytree(example_dir, copy, ignore=shutil.ignore_patterns("state", "out"))
     return copy
+
+
+@pytest.fixture
+def new_directory() -> Iterator[SlapdServer]:
+    """A private slapd holding only the new unit's (empty) suffix, with the project schema: a target to apply to."""
+    server = started(SlapdServer([NEW_SUFFIX], schemas=(PROJECT_SCHEMA,)))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def ldap_target(config_path: Path, server: SlapdServer, env_var: str) -> None:
+    """Point a consolidation file's [target.directory] at an LDAP server (password from env_var)."""
+    text = config_path.read_text(encoding="utf-8")
+    old = '[target.directory]\n# the new directory is written as an LDIF file here; a real run names ldap_url instead\nldif = "out/directory.ldif"\n'
+    assert old in text
+    config_path.write_text(text.replace(old, (
+        f'[target.directory]\nldap_url = "{server.url}"\nbind_dn = "{server.admin_dn(NEW_SUFFIX)}"\n'
+        f'password_env = "{env_var}"\n')), encoding="utf-8")

@@ -32,7 +32,7 @@ def test_example_config_loads(example_dir: Path) -> None:
     assert config.source("binhduong").directory.hr_csv == example_dir / "sources/binhduong/hr.csv"
     assert config.target.mail_domain == "hcm.gov.vn"
     assert config.addressing.keep_addresses_of == ("hcm",)
-    assert config.transition_ends == dt.date(2026, 6, 30)
+    assert config.transition_ends == dt.date(2027, 6, 30)
     assert (config.relay.listen_host, config.relay.listen_port, config.relay.next_hop) == ("127.0.0.1", 2525, None)
 
 

@@ -30,7 +30,7 @@ def test_summary_of_the_example(planned) -> None:
         "kept_addresses": 298, "new_addresses": 462, "aliases": 913, "disabled": 19, "roles": 10, "units": 32,
         "issues": {"suggestion": 23, "conflict": 0, "unit-needs-review": 7, "unit-unmapped": 0, "no-unit": 6,
                    "disabled": 19, "role": 10, "collision": 142, "source-warning": 5},
-        "blocking": 30, "transition_ends": "2026-06-30",
+        "blocking": 30, "transition_ends": "2027-06-30",
     }
 
 
@@ -39,12 +39,12 @@ def test_official_in_two_sources_is_one_identity_with_every_old_address(planned)
     [ha] = by_name(plan, "Trần Thị Thu Hà")
     assert (ha.address, ha.unit_code, ha.kept) == ("hattt@hcm.gov.vn", "79.STP", False)
     assert [(a.address, a.source, a.valid_until) for a in ha.aliases] == [
-        ("ha.tranthithu@binhduong.gov.vn", "binhduong", "2026-06-30"),
-        ("ha.tranthithu@sotp.binhduong.gov.vn", "binhduong", "2026-06-30"),
-        ("tranthithuha@baria-vungtau.gov.vn", "baria-vungtau", "2026-06-30"),
-        ("tranthithuha@binhduong.gov.vn", "binhduong", "2026-06-30"),
-        ("tttha@baria-vungtau.gov.vn", "baria-vungtau", "2026-06-30"),
-        ("tttha@brvt.gov.vn", "baria-vungtau", "2026-06-30"),
+        ("ha.tranthithu@binhduong.gov.vn", "binhduong", "2027-06-30"),
+        ("ha.tranthithu@sotp.binhduong.gov.vn", "binhduong", "2027-06-30"),
+        ("tranthithuha@baria-vungtau.gov.vn", "baria-vungtau", "2027-06-30"),
+        ("tranthithuha@binhduong.gov.vn", "binhduong", "2027-06-30"),
+        ("tttha@baria-vungtau.gov.vn", "baria-vungtau", "2027-06-30"),
+        ("tttha@brvt.gov.vn", "baria-vungtau", "2027-06-30"),
     ]
     assert ha.old_units == (("binhduong", "Sở Tư pháp tỉnh Bình Dương", "74.STP"), ("baria-vungtau", "Sở Tư pháp", "77.STP"))
 

@@ -1,0 +1,52 @@
+"""Apply a reviewed plan to the target directory, refusing what a person has not seen."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+
+from mailmerge_gov.config import Config
+from mailmerge_gov.directory.apply import ApplyResult, apply_entries
+from mailmerge_gov.directory.entries import desired_entries
+from mailmerge_gov.directory.plan import Plan, PlanError, inputs_digest, load_plan
+from mailmerge_gov.directory.sources import read_source
+from mailmerge_gov.store import Store
+
+
+def check_plan_is_current(config: Config, plan: Plan) -> None:
+    """Refuse a plan whose sources or unit mapping changed since it was made."""
+    digests = {source.name: read_source(source).digest for source in config.sources}
+    if inputs_digest(config, digests) != plan.sources_digest:
+        raise PlanError(f"the sources or the unit mapping file changed since plan {plan.id} was made: "
+                        "run `mailmerge-gov directory plan` again and review it (or --force)")
+
+
+def check_plan_is_reviewed(plan: Plan) -> None:
+    """Refuse a plan with blocking review items."""
+    if plan.blocking:
+        counts = Counter(issue.kind for issue in plan.blocking)
+        listed = ", ".join(f"{count} {kind}" for kind, count in sorted(counts.items()))
+        raise PlanError(f"plan {plan.id} has {len(plan.blocking)} unresolved review items ({listed}): "
+                        "resolve them (directory review, the unit mapping file) and plan again, or --force")
+
+
+def apply_plan(config: Config, store: Store, *, dry_run: bool = False, force: bool = False,
+               max_disables: int | None = None, today: dt.date | None = None) -> tuple[Plan, ApplyResult]:
+    """Write the newest plan into the target directory (see apply_entries for the guarantees)."""
+    target = config.target.directory
+    if target is None:
+        raise PlanError(f"{config.path}: [target.directory] is not set: name the new directory "
+                        "(ldap_url or an ldif file)")
+    plan = load_plan(config, store)
+    if not force:
+        check_plan_is_current(config, plan)
+        check_plan_is_reviewed(plan)
+    entries = desired_entries(plan.people, plan.structure, config, today or dt.date.today(),
+                              include_base=target.kind == "ldif")
+    result = apply_entries(
+        store, target, entries, base_dn=config.target.base_dn, plan_id=plan.id,
+        max_disables=config.directory.max_disables if max_disables is None else max_disables,
+        dry_run=dry_run, backup_dir=config.state_file.parent / "backups",
+        identities=[p.identity for p in plan.people if p.address and not p.disabled],
+    )
+    return plan, result
