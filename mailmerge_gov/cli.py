@@ -13,6 +13,7 @@ import click
 from mailmerge_gov import __version__
 from mailmerge_gov.check import check_config
 from mailmerge_gov.config import Config, ConfigError, SecretError, load_config
+from mailmerge_gov.directory.access import memberships
 from mailmerge_gov.directory.addressing import AddressingError
 from mailmerge_gov.directory.apply import ApplyError, ApplyResult, RollbackError, format_changes, rollback
 from mailmerge_gov.directory.applyplan import apply_plan
@@ -21,9 +22,10 @@ from mailmerge_gov.directory.export import (address_map, directory_csv, director
                                            map_csv)
 from mailmerge_gov.directory.ldif import format_entry
 from mailmerge_gov.directory.plan import PlanError, load_plan, make_plan
-from mailmerge_gov.directory.report import write_report
+from mailmerge_gov.directory.report import write_access_report, write_report
 from mailmerge_gov.directory.sources import SourceError, read_source
-from mailmerge_gov.directory.structure import StructureError, draft_structure, load_structure
+from mailmerge_gov.directory.structure import StructureError, load_structure
+from mailmerge_gov.directory.draft import draft_structure
 from mailmerge_gov.store import Store, StoreError, open_store
 
 # The library's named errors: each carries a message a person can act on.
@@ -168,6 +170,50 @@ def directory_review(config_path: Path, same: int | None, different: int | None)
                    "Decide with: mailmerge-gov directory review --same N | --different N")
 
 
+@directory.command("access-review")
+@config_option
+def directory_access_review(config_path: Path) -> None:
+    """Report every group membership the newest plan carries over; flag privileged ones.
+
+    Memberships are carried over only where the unit mapping file maps the old group to a
+    new one; privileged ones (see [directory] privileged_groups) only after a sign-off.
+    """
+    config = read_config(config_path)
+    with opened(config) as store:
+        plan = load_plan(config, store)
+        rows = memberships(plan.people, plan.groups, plan.structure, config, store.signoffs())
+    html, table = write_access_report(plan, rows, config, reports_folder(config), str(config_path))
+    carried = sum(m.carried for m in rows)
+    waiting = [m for m in rows if m.new_group and m.privileged and not m.carried]
+    unmapped = sum(m.new_group is None for m in rows)
+    click.echo(f"plan {plan.id}: {len(rows)} memberships; {carried} carried over, {len(waiting)} privileged "
+               f"waiting for sign-off, {unmapped} not carried over (group not in the mapping file)")
+    for m in waiting:
+        click.echo(f"  {m.number}. {m.person} <{m.address}> in {m.group_name} -> {m.new_group_name}")
+    click.echo(f"report: {html}")
+    click.echo(f"        {table}")
+
+
+@directory.command("sign-off")
+@config_option
+@click.argument("numbers", type=int, nargs=-1, required=True)
+@click.option("--note", default=None, help="Why the membership is right (kept in the state store).")
+def directory_sign_off(config_path: Path, numbers: tuple[int, ...], note: str | None) -> None:
+    """Approve privileged memberships NUMBERS... of the newest plan's access review."""
+    config = read_config(config_path)
+    with opened(config) as store:
+        plan = load_plan(config, store)
+        rows = {m.number: m for m in memberships(plan.people, plan.groups, plan.structure, config, store.signoffs())}
+        unknown = [n for n in numbers if n not in rows]
+        if unknown:
+            raise click.ClickException(f"plan {plan.id}'s access review has no membership "
+                                       f"{', '.join(map(str, unknown))} (it has {len(rows)})")
+        for number in numbers:
+            store.sign_off(rows[number].subject, note=note)
+            click.echo(f"signed off: {rows[number].person} in {rows[number].group_name}")
+    click.echo("run directory apply to write the signed-off memberships")
+
+
 @directory.command("apply")
 @config_option
 @click.option("--dry-run", is_flag=True, help="Print the exact LDAP changes; write nothing.")
@@ -183,7 +229,11 @@ def directory_apply(config_path: Path, dry_run: bool, force: bool, max_disables:
     """
     config = read_config(config_path)
     with opened(config) as store:
-        plan, result = apply_plan(config, store, dry_run=dry_run, force=force, max_disables=max_disables)
+        applied = apply_plan(config, store, dry_run=dry_run, force=force, max_disables=max_disables)
+    plan, result = applied.plan, applied.result
+    if applied.waiting:
+        click.echo(f"{len(applied.waiting)} privileged memberships wait for a sign-off and were left out "
+                   "(see directory access-review)", err=True)
     if dry_run:
         click.echo(format_changes(result), nl=False)
         click.echo(f"dry run of plan {plan.id}: {_count_changes(result)}; nothing written")

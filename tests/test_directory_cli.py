@@ -161,3 +161,45 @@ def test_after_the_transition_old_addresses_leave_the_address_book(config_path: 
     assert ldapsearch(new_directory, "(mail=tttha@brvt*)", "mail") == ""
     found = ldapsearch(new_directory, "(mailmergeOldAddress=tttha@brvt.gov.vn)", "mail", "mailmergeOldAddress")
     assert found.splitlines()[:2] == ["dn: uid=hattt,ou=people,dc=hcm,dc=gov,dc=vn", "mail: hattt@hcm.gov.vn"]
+
+
+GROUP_LINES = (
+    "hcm,quantri-thu,,79.QTTHU,Quản trị hệ thống thư điện tử,79,ok\n"
+    "binhduong,Mail Admins,,79.QTTHU,Quản trị hệ thống thư điện tử,79,ok\n"
+    "baria-vungtau,quantri,,79.QTTHU,Quản trị hệ thống thư điện tử,79,ok\n"
+    "hcm,ketoan,,79.KT,Kế toán,79,ok\n"
+)
+
+
+def test_privileged_memberships_wait_for_a_sign_off(config_path: str, example_copy: Path, new_directory,
+                                                    monkeypatch) -> None:
+    monkeypatch.setenv("MMG_NEW_LDAP_PASSWORD", new_directory.admin_password)
+    ldap_target(Path(config_path), new_directory, "MMG_NEW_LDAP_PASSWORD")
+    with (example_copy / "structure.csv").open("a", encoding="utf-8") as handle:
+        handle.write(GROUP_LINES)
+    run("directory", "plan", "-c", config_path)
+    code, output = run("directory", "access-review", "-c", config_path)
+    assert code == 0
+    assert output.splitlines()[:2] == [
+        "plan 1: 25 memberships; 8 carried over, 8 privileged waiting for sign-off, 9 not carried over "
+        "(group not in the mapping file)",
+        "  1. Lê Ngọc Hoa <hoaln@hcm.gov.vn> in Quản trị hệ thống thư -> Quản trị hệ thống thư điện tử",
+    ]
+    assert run("directory", "apply", "-c", config_path, "--force")[0] == 0
+    admins = ldapsearch(new_directory, "(cn=79.QTTHU)", "member")
+    assert admins == "dn: cn=79.QTTHU,ou=groups,dc=hcm,dc=gov,dc=vn\nmember: ou=groups,dc=hcm,dc=gov,dc=vn\n\n"
+    accountants = ldapsearch(new_directory, "(cn=79.KT)", "member")
+    assert accountants.count("member: uid=") == 4
+    assert run("directory", "sign-off", "-c", config_path, "1", "25", "--note", "quản trị thư") == (0, (
+        "signed off: Lê Ngọc Hoa in Quản trị hệ thống thư\n"
+        "signed off: Quản trị hệ thống thư in quantri-thu\n"
+        "run directory apply to write the signed-off memberships\n"))
+    assert run("directory", "sign-off", "-c", config_path, "26") == (
+        1, "Error: plan 1's access review has no membership 26 (it has 25)\n")
+    code, output = run("directory", "apply", "-c", config_path, "--force")
+    assert output.splitlines()[0] == "6 privileged memberships wait for a sign-off and were left out " \
+                                     "(see directory access-review)"
+    assert output.splitlines()[1] == "apply 2 of plan 1: 0 added, 1 modified, 0 disabled"
+    assert ldapsearch(new_directory, "(cn=79.QTTHU)", "member") == (
+        "dn: cn=79.QTTHU,ou=groups,dc=hcm,dc=gov,dc=vn\n"
+        "member: uid=hoaln,ou=people,dc=hcm,dc=gov,dc=vn\nmember: uid=postmaster,ou=people,dc=hcm,dc=gov,dc=vn\n\n")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
+from dataclasses import dataclass
 
 from mailmerge_gov.config import Config
-from mailmerge_gov.directory.apply import ApplyResult, apply_entries
-from mailmerge_gov.directory.entries import desired_entries
+from mailmerge_gov.directory.access import Membership, group_codes, memberships
+from mailmerge_gov.directory.apply import ApplyResult, ManagedScope, apply_entries
+from mailmerge_gov.directory.entries import desired_entries, groups_dn, people_dn, units_dn
 from mailmerge_gov.directory.plan import Plan, PlanError, inputs_digest, load_plan
 from mailmerge_gov.directory.sources import read_source
 from mailmerge_gov.store import Store
@@ -30,9 +32,21 @@ def check_plan_is_reviewed(plan: Plan) -> None:
                         "resolve them (directory review, the unit mapping file) and plan again, or --force")
 
 
+@dataclass(frozen=True)
+class PlanApplied:
+    """What applying a plan did, and the privileged memberships it left out for want of a sign-off."""
+
+    plan: Plan
+    result: ApplyResult
+    waiting: tuple[Membership, ...]
+
+
 def apply_plan(config: Config, store: Store, *, dry_run: bool = False, force: bool = False,
-               max_disables: int | None = None, today: dt.date | None = None) -> tuple[Plan, ApplyResult]:
-    """Write the newest plan into the target directory (see apply_entries for the guarantees)."""
+               max_disables: int | None = None, today: dt.date | None = None) -> PlanApplied:
+    """Write the newest plan into the target directory (see apply_entries for the guarantees).
+
+    Privileged memberships without a sign-off are never written, --force or not.
+    """
     target = config.target.directory
     if target is None:
         raise PlanError(f"{config.path}: [target.directory] is not set: name the new directory "
@@ -41,12 +55,16 @@ def apply_plan(config: Config, store: Store, *, dry_run: bool = False, force: bo
     if not force:
         check_plan_is_current(config, plan)
         check_plan_is_reviewed(plan)
+    groups = group_codes(plan.groups, plan.structure)
+    rows = memberships(plan.people, plan.groups, plan.structure, config, store.signoffs())
     entries = desired_entries(plan.people, plan.structure, config, today or dt.date.today(),
-                              include_base=target.kind == "ldif")
+                              include_base=target.kind == "ldif", memberships=rows, groups=groups)
+    base = config.target.base_dn
+    managed = ManagedScope(subtrees=(people_dn(base), units_dn(base), groups_dn(base)))
     result = apply_entries(
-        store, target, entries, base_dn=config.target.base_dn, plan_id=plan.id,
+        store, target, entries, base_dn=base, plan_id=plan.id, managed=managed,
         max_disables=config.directory.max_disables if max_disables is None else max_disables,
         dry_run=dry_run, backup_dir=config.state_file.parent / "backups",
         identities=[p.identity for p in plan.people if p.address and not p.disabled],
     )
-    return plan, result
+    return PlanApplied(plan, result, tuple(m for m in rows if m.new_group and m.privileged and not m.carried))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from ldap3.utils.dn import escape_rdn
 
 from mailmerge_gov.config import Config
+from mailmerge_gov.directory.access import Membership
 from mailmerge_gov.directory.apply import Entry
 from mailmerge_gov.directory.model import NewUnit, PlannedPerson, Structure
 from mailmerge_gov.directory.structure import unit_path
@@ -16,6 +17,11 @@ from mailmerge_gov.vietnamese import fold
 PERSON_CLASSES = ("top", "person", "organizationalPerson", "inetOrgPerson", "inetLocalMailRecipient",
                   "mailmergeHistory")
 UNIT_CLASSES = ("top", "organizationalUnit", "mailmergeHistory")
+
+
+def groups_dn(base_dn: str) -> str:
+    """DN of the container of the new groups (roles and authorities carried over)."""
+    return f"ou=groups,{base_dn}"
 
 
 def people_dn(base_dn: str) -> str:
@@ -106,9 +112,34 @@ def person_entry(person: PlannedPerson, structure: Structure, base_dn: str, toda
     ]))
 
 
+def group_entries(memberships: Sequence[Membership], groups: Mapping[str, str], base_dn: str) -> list[Entry]:
+    """One groupOfNames per new group, with the members whose membership is carried over."""
+    members: dict[str, list[str]] = {code: [] for code in groups}
+    for membership in memberships:
+        if membership.carried and membership.new_group in members:
+            members[membership.new_group].append(f"uid={escape_rdn(membership.address.split('@', 1)[0])},"
+                                                 f"{people_dn(base_dn)}")
+    entries = []
+    for code in sorted(groups):
+        # groupOfNames must have a member. A group nobody may be in any more keeps one that is
+        # no person (its container), so that revoking the last membership really revokes it.
+        dns = sorted(set(members[code])) or [groups_dn(base_dn)]
+        entries.append(Entry(f"cn={escape_rdn(code)},{groups_dn(base_dn)}", _attributes([
+            ("objectClass", ("top", "groupOfNames", "mailmergeHistory")), ("cn", (code, groups[code])),
+            ("description", (groups[code],)), ("member", dns), ("mailmergeUnitCode", (code,)),
+        ])))
+    return entries
+
+
 def desired_entries(people: Sequence[PlannedPerson], structure: Structure, config: Config,
-                    today: dt.date, include_base: bool = False) -> list[Entry]:
-    """Every entry the new directory should have, parents before children."""
+                    today: dt.date, include_base: bool = False, memberships: Sequence[Membership] = (),
+                    groups: Mapping[str, str] | None = None) -> list[Entry]:
+    """Every entry the new directory should have, parents before children.
+
+    groups: code -> name of the new groups (mapping-file targets of old groups); those codes
+    are groups, not units, so they are left out of the unit tree.
+    """
+    groups = groups or {}
     base = config.target.base_dn
     entries = []
     if include_base:
@@ -121,7 +152,12 @@ def desired_entries(people: Sequence[PlannedPerson], structure: Structure, confi
                                                       ("ou", ("units",))])))
     entries.append(Entry(people_dn(base), _attributes([("objectClass", ("top", "organizationalUnit")),
                                                        ("ou", ("people",))])))
-    units = sorted(structure.units, key=lambda u: (len(unit_path(structure, u.code)), u.code))
+    units = sorted((u for u in structure.units if u.code not in groups),
+                   key=lambda u: (len(unit_path(structure, u.code)), u.code))
     entries += [unit_entry(structure, unit, base) for unit in units]
     entries += [person_entry(p, structure, base, today) for p in people if not p.disabled and p.address]
+    if groups:
+        entries.append(Entry(groups_dn(base), _attributes([("objectClass", ("top", "organizationalUnit")),
+                                                           ("ou", ("groups",))])))
+        entries += group_entries(memberships, groups, base)
     return entries

@@ -7,10 +7,12 @@ import io
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import jinja2
 
 from mailmerge_gov.config import Config
+from mailmerge_gov.directory.access import Membership, group_codes
 from mailmerge_gov.directory.model import NewUnit, Structure
 from mailmerge_gov.directory.plan import ISSUE_KINDS, Plan
 
@@ -36,11 +38,12 @@ class ReportFiles:
     issues_csv: Path
 
 
-def unit_tree(structure: Structure, counts: dict[str, int]) -> tuple[TreeNode, ...]:
+def unit_tree(structure: Structure, counts: dict[str, int], exclude: set[str] = frozenset()) -> tuple[TreeNode, ...]:
     """Build the organisation chart with member counts (a unit counts its sub-units' members)."""
     children: dict[str | None, list[NewUnit]] = defaultdict(list)
-    codes = {unit.code for unit in structure.units}
-    for unit in structure.units:
+    units = [unit for unit in structure.units if unit.code not in exclude]
+    codes = {unit.code for unit in units}
+    for unit in units:
         children[unit.parent_code if unit.parent_code in codes else None].append(unit)
 
     def build(unit: NewUnit) -> TreeNode:
@@ -79,7 +82,6 @@ def issues_csv(plan: Plan) -> str:
 
 def write_report(plan: Plan, config: Config, folder: Path, created_at: str, actor: str) -> ReportFiles:
     """Write the HTML page and the two CSV files of a plan into folder."""
-    folder.mkdir(parents=True, exist_ok=True)
     counts: dict[str, int] = defaultdict(int)
     for person in plan.people:
         if not person.disabled and person.unit_code:
@@ -90,14 +92,41 @@ def write_report(plan: Plan, config: Config, folder: Path, created_at: str, acto
     html = _ENV.get_template("plan.html").render(
         plan=plan, config=config, summary=plan.summary, created_at=created_at, actor=actor,
         issue_kinds=ISSUE_KINDS, issues_by_kind=issues_by_kind,
-        tree_roots=unit_tree(plan.structure, counts),
+        tree_roots=unit_tree(plan.structure, counts, exclude=set(group_codes(plan.groups, plan.structure))),
         people=[p for p in plan.people if not p.disabled],
         unit_names={unit.code: unit.name for unit in plan.structure.units},
     )
     files = ReportFiles(folder / f"plan-{plan.id}.html", folder / f"plan-{plan.id}-people.csv",
                         folder / f"plan-{plan.id}-issues.csv")
-    for path, text in ((files.html, html), (files.people_csv, people_csv(plan)), (files.issues_csv, issues_csv(plan))):
+    _write_files(folder, ((files.html, html), (files.people_csv, people_csv(plan)), (files.issues_csv, issues_csv(plan))))
+    return files
+
+
+def access_csv(rows: Sequence[Membership]) -> str:
+    """One row per membership, with what happens to it."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["number", "identity", "person", "address", "old_group", "old_group_name", "new_group",
+                     "new_group_name", "privileged", "signed_by", "status"])
+    for m in rows:
+        writer.writerow([m.number, m.identity, m.person, m.address, m.group, m.group_name, m.new_group or "",
+                         m.new_group_name or "", "yes" if m.privileged else "no", m.signed_by or "", m.status])
+    return out.getvalue()
+
+
+def write_access_report(plan: Plan, rows: Sequence[Membership], config: Config, folder: Path,
+                        config_path: str) -> tuple[Path, Path]:
+    """Write the access review of a plan as HTML and CSV; return both paths."""
+    html = _ENV.get_template("access.html").render(plan=plan, rows=rows, config=config, config_path=config_path)
+    paths = (folder / f"access-review-{plan.id}.html", folder / f"access-review-{plan.id}.csv")
+    _write_files(folder, ((paths[0], html), (paths[1], access_csv(rows))))
+    return paths
+
+
+def _write_files(folder: Path, files: Sequence[tuple[Path, str]]) -> None:
+    """Write report files atomically (a reader never sees half a report)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path, text in files:
         temporary = path.with_name(path.name + ".tmp")
         temporary.write_text(text, encoding="utf-8")
         temporary.replace(path)
-    return files
