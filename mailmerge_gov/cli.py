@@ -13,7 +13,7 @@ import click
 from mailmerge_gov import __version__
 from mailmerge_gov.check import check_config
 from mailmerge_gov.config import Config, ConfigError, SecretError, load_config
-from mailmerge_gov.directory.access import memberships
+from mailmerge_gov.directory.access import AccessError, memberships
 from mailmerge_gov.directory.addressing import AddressingError
 from mailmerge_gov.directory.apply import ApplyError, ApplyResult, RollbackError, format_changes, rollback
 from mailmerge_gov.directory.applyplan import apply_plan
@@ -29,7 +29,7 @@ from mailmerge_gov.directory.draft import draft_structure
 from mailmerge_gov.store import Store, StoreError, open_store
 
 # The library's named errors: each carries a message a person can act on.
-LIBRARY_ERRORS = (ConfigError, SecretError, StoreError, SourceError, StructureError, AddressingError, PlanError,
+LIBRARY_ERRORS = (AccessError, ConfigError, SecretError, StoreError, SourceError, StructureError, AddressingError, PlanError,
                   ApplyError, RollbackError)
 
 CONFIG_HELP = "The consolidation file (default: $MAILMERGE_GOV_CONFIG or ./consolidation.toml)."

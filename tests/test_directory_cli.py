@@ -164,10 +164,10 @@ def test_after_the_transition_old_addresses_leave_the_address_book(config_path: 
 
 
 GROUP_LINES = (
-    "hcm,quantri-thu,,79.QTTHU,Quản trị hệ thống thư điện tử,79,ok\n"
-    "binhduong,Mail Admins,,79.QTTHU,Quản trị hệ thống thư điện tử,79,ok\n"
-    "baria-vungtau,quantri,,79.QTTHU,Quản trị hệ thống thư điện tử,79,ok\n"
-    "hcm,ketoan,,79.KT,Kế toán,79,ok\n"
+    "hcm,group:quantri-thu,,79.QTTHU,Quản trị hệ thống thư điện tử,79,ok\n"
+    "binhduong,group:Mail Admins,,79.QTTHU,Quản trị hệ thống thư điện tử,79,ok\n"
+    "baria-vungtau,group:Quản trị hệ thống thư,,79.QTTHU,Quản trị hệ thống thư điện tử,79,ok\n"
+    "hcm,group:ketoan,,79.KT,Kế toán,79,ok\n"
 )
 
 
@@ -181,7 +181,7 @@ def test_privileged_memberships_wait_for_a_sign_off(config_path: str, example_co
     code, output = run("directory", "access-review", "-c", config_path)
     assert code == 0
     assert output.splitlines()[:2] == [
-        "plan 1: 25 memberships; 8 carried over, 8 privileged waiting for sign-off, 9 not carried over "
+        "plan 1: 25 memberships; 4 carried over, 8 privileged waiting for sign-off, 13 not carried over "
         "(group not in the mapping file)",
         "  1. Lê Ngọc Hoa <hoaln@hcm.gov.vn> in Quản trị hệ thống thư -> Quản trị hệ thống thư điện tử",
     ]
@@ -203,3 +203,28 @@ def test_privileged_memberships_wait_for_a_sign_off(config_path: str, example_co
     assert ldapsearch(new_directory, "(cn=79.QTTHU)", "member") == (
         "dn: cn=79.QTTHU,ou=groups,dc=hcm,dc=gov,dc=vn\n"
         "member: uid=hoaln,ou=people,dc=hcm,dc=gov,dc=vn\nmember: uid=postmaster,ou=people,dc=hcm,dc=gov,dc=vn\n\n")
+
+
+def test_a_group_line_onto_a_unit_code_is_refused(config_path: str, example_copy: Path) -> None:
+    with (example_copy / "structure.csv").open("a", encoding="utf-8") as handle:
+        handle.write("hcm,group:ketoan,,79.STC,Sở Tài chính,79,ok\n")
+    run("directory", "plan", "-c", config_path)
+    assert run("directory", "access-review", "-c", config_path) == (1, (
+        "Error: unit mapping file, line 57: group line maps onto 79.STC, which unit lines use: "
+        "give the group a code of its own\n"))
+
+
+def test_exports_as_csv_and_ldif(config_path: str) -> None:
+    run("directory", "plan", "-c", config_path)
+    code, output = run("directory", "export", "-c", config_path, "--format", "csv")
+    rows = list(csv.DictReader(io.StringIO(output)))
+    assert len(rows) == 760
+    [ha] = [r for r in rows if r["address"] == "hattt@hcm.gov.vn"]
+    assert (ha["full_name"], ha["unit_name"], ha["family"], ha["middle"], ha["given"]) == (
+        "Trần Thị Thu Hà", "Sở Tư pháp", "Trần", "Thị Thu", "Hà")
+    code, output = run("directory", "export", "-c", config_path, "--format", "ldif")
+    assert output.startswith("dn: dc=hcm,dc=gov,dc=vn\n")
+    assert output.count("\n\ndn: ") + 1 == 795
+    code, output = run("mailbox", "jobs", "-c", config_path)
+    # 31 Maildirs in the example; 3 belong to disabled accounts, which are not carried over
+    assert output.count("\n") - 1 == 28

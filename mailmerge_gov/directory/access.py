@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
 from mailmerge_gov.config import Config
-from mailmerge_gov.directory.model import PlannedPerson, SourceRecord, Structure
+from mailmerge_gov.directory.model import PlannedPerson, SourceRecord, Structure, UnitMapping
 from mailmerge_gov.directory.presets import normalize_dn, split_dn
 from mailmerge_gov.directory.structure import map_unit
 from mailmerge_gov.vietnamese import fold
@@ -67,9 +67,25 @@ def is_privileged(group: SourceRecord, patterns: Iterable[str]) -> bool:
                for text in candidates for pattern in patterns)
 
 
+# Group lines of the mapping file name the old group as "group:<name>" or "group:<DN>", so a
+# group can never be mapped by accident through a unit of the same name ("Văn phòng UBND tỉnh"
+# is both a unit and a mailing list in Zimbra directories).
+GROUP_PREFIX = "group:"
+
+
+class AccessError(Exception):
+    """The mapping file's group lines cannot be used; the message names the line."""
+
+
 def group_codes(groups: Sequence[SourceRecord], structure: Structure) -> dict[str, str]:
     """New group code -> name, for every group the mapping file maps (these are groups, not units)."""
+    unit_codes = {m.new_code for m in structure.mappings if not m.old_unit.startswith(GROUP_PREFIX)}
     codes: dict[str, str] = {}
+    for mapping in structure.mappings:
+        if mapping.old_unit.startswith(GROUP_PREFIX) and mapping.new_code:
+            if mapping.new_code in unit_codes:
+                raise AccessError(f"unit mapping file, line {mapping.line}: group line maps onto "
+                                  f"{mapping.new_code}, which unit lines use: give the group a code of its own")
     for group in groups:
         mapping = _mapping(group, structure)
         if mapping is not None:
@@ -77,10 +93,10 @@ def group_codes(groups: Sequence[SourceRecord], structure: Structure) -> dict[st
     return codes
 
 
-def _mapping(group: SourceRecord, structure: Structure):  # type: ignore[no-untyped-def]
-    """The mapping line of a group (by name, then DN), if it is mapped and reviewed."""
+def _mapping(group: SourceRecord, structure: Structure) -> UnitMapping | None:
+    """The mapping line of a group (group:<name>, then group:<DN>), if it is mapped and reviewed."""
     for key in (group_name(group), group.dn):
-        mapping = map_unit(structure, group.source, key)
+        mapping = map_unit(structure, group.source, GROUP_PREFIX + key)
         if mapping is not None and mapping.status == "ok" and mapping.new_code:
             return mapping
     return None
@@ -89,6 +105,7 @@ def _mapping(group: SourceRecord, structure: Structure):  # type: ignore[no-unty
 def memberships(people: Sequence[PlannedPerson], groups: Sequence[SourceRecord], structure: Structure,
                 config: Config, signoffs: Mapping[str, str]) -> list[Membership]:
     """Every membership of a carried-over official in an old group, in a stable order."""
+    group_codes(groups, structure)  # refuses group lines that map onto units before anything is listed
     by_dn: dict[tuple[str, str], PlannedPerson] = {}
     by_address: dict[tuple[str, str], PlannedPerson] = {}
     for person in people:

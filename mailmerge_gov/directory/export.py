@@ -7,7 +7,7 @@ import io
 from dataclasses import dataclass
 from typing import Sequence
 
-from mailmerge_gov.config import Config
+from mailmerge_gov.config import Config, MailServer
 from mailmerge_gov.directory.model import PlannedPerson, Structure
 
 
@@ -41,11 +41,20 @@ def address_map(people: Sequence[PlannedPerson], config: Config) -> list[MapRow]
 
 def mailbox_jobs(people: Sequence[PlannedPerson], config: Config) -> list[MailboxJob]:
     """One job per old mailbox of a carried-over official, from sources that have a mail system."""
-    with_mail = {source.name for source in config.sources if source.mail is not None}
+    servers = {source.name: source.mail for source in config.sources if source.mail is not None}
     jobs = [MailboxJob(source, mailbox, person.address, person.identity)
             for person in people if person.address and not person.disabled
-            for source, mailbox in person.mailboxes if source in with_mail]
+            for source, mailbox in person.mailboxes if source in servers and _exists(servers[source], mailbox)]
     return sorted(jobs, key=lambda job: (job.source, job.source_mailbox))
+
+
+def _exists(server: MailServer, mailbox: str) -> bool:
+    """Tell whether a mailbox exists, where that can be seen without a server (a Maildir root)."""
+    # A server holds a mailbox for every account; a Maildir archive only for those it kept,
+    # and a job for a missing folder would only fail later.
+    if server.kind == "maildir" and server.path is not None:
+        return (server.path / mailbox).is_dir()
+    return True
 
 
 def rows_csv(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
