@@ -7,9 +7,8 @@ import pytest
 
 from mailmerge_gov.config import Config, load_config
 from mailmerge_gov.directory.model import NewUnit, Structure, UnitMapping
-from mailmerge_gov.directory.structure import (
-    StructureError, _partly_merged, draft_structure, load_structure, map_unit, parse_dn, unit_path,
-)
+from mailmerge_gov.directory.draft import _partly_merged, draft_structure
+from mailmerge_gov.directory.structure import StructureError, load_structure, map_unit, parse_dn, unit_path
 
 HEADER = "source,old_unit,old_code,new_code,new_name,new_parent_code,status\n"
 BASE = HEADER + (
