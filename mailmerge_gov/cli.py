@@ -16,8 +16,7 @@ from mailmerge_gov.config import Config, ConfigError, SecretError, load_config
 from mailmerge_gov.directory.access import AccessError, memberships
 from mailmerge_gov.directory.addressing import AddressingError
 from mailmerge_gov.directory.apply import ApplyError, ApplyResult, RollbackError, format_changes, rollback
-from mailmerge_gov.directory.applyplan import apply_plan
-from mailmerge_gov.directory.entries import desired_entries
+from mailmerge_gov.directory.applyplan import apply_plan, plan_entries
 from mailmerge_gov.directory.export import (address_map, directory_csv, directory_vcards, jobs_csv, mailbox_jobs,
                                            map_csv)
 from mailmerge_gov.directory.ldif import format_entry
@@ -264,7 +263,11 @@ def directory_rollback(config_path: Path, apply_id: int, dry_run: bool) -> None:
         raise click.ClickException(f"{config.path}: [target.directory] is not set")
     with opened(config) as store:
         result = rollback(store, config.target.directory, apply_id, base_dn=config.target.base_dn, dry_run=dry_run)
-    click.echo(f"rollback of apply {apply_id}: {len(result.changes)} changes {'to make (dry run)' if dry_run else 'made'}")
+    if dry_run:
+        click.echo(format_changes(result), nl=False)
+        click.echo(f"dry run of the rollback of apply {apply_id}: {len(result.changes)} changes; nothing written")
+        return
+    click.echo(f"rollback of apply {apply_id}: {len(result.changes)} changes made")
 
 
 @directory.command("draft-structure")
@@ -330,7 +333,9 @@ def directory_export(config_path: Path, fmt: str, output: Path | None) -> None:
     with opened(config) as store:
         plan = load_plan(config, store)
     if fmt == "ldif":
-        entries = desired_entries(plan.people, plan.structure, config, dt.date.today(), include_base=True)
+        with opened(config) as store:
+            rows = memberships(plan.people, plan.groups, plan.structure, config, store.signoffs())
+        entries = plan_entries(plan, config, rows, dt.date.today(), include_base=True)
         text = "".join(format_entry(entry.dn, entry.attributes) for entry in entries)
     elif fmt == "csv":
         text = directory_csv(plan.people, plan.structure)

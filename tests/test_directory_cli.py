@@ -46,8 +46,8 @@ def test_apply_refuses_open_review_items_and_changed_sources(config_path: str, e
     ldif.write_text(ldif.read_text(encoding="utf-8") + "\ndn: uid=moi,dc=hcm,dc=gov,dc=vn\nobjectClass: inetOrgPerson\n"
                     "uid: moi\ncn: Người Mới\nsn: Người\nmail: moi@hcm.gov.vn\n", encoding="utf-8")
     code, output = run("directory", "apply", "-c", config_path)
-    assert (code, output) == (1, "Error: the sources or the unit mapping file changed since plan 1 was made: run "
-                                 "`mailmerge-gov directory plan` again and review it (or --force)\n")
+    assert (code, output) == (1, "Error: the sources, the mapping file or the consolidation policy changed since "
+                                 "plan 1 was made: run `mailmerge-gov directory plan` again and review it (or --force)\n")
     assert not (example_copy / "out").exists()
 
 

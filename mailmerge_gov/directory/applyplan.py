@@ -5,10 +5,11 @@ from __future__ import annotations
 import datetime as dt
 from collections import Counter
 from dataclasses import dataclass
+from typing import Sequence
 
 from mailmerge_gov.config import Config
 from mailmerge_gov.directory.access import Membership, group_codes, memberships
-from mailmerge_gov.directory.apply import ApplyResult, ManagedScope, apply_entries
+from mailmerge_gov.directory.apply import ApplyResult, Entry, ManagedScope, apply_entries
 from mailmerge_gov.directory.entries import desired_entries, groups_dn, people_dn, units_dn
 from mailmerge_gov.directory.plan import Plan, PlanError, inputs_digest, load_plan
 from mailmerge_gov.directory.sources import read_source
@@ -19,7 +20,8 @@ def check_plan_is_current(config: Config, plan: Plan) -> None:
     """Refuse a plan whose sources or unit mapping changed since it was made."""
     digests = {source.name: read_source(source).digest for source in config.sources}
     if inputs_digest(config, digests) != plan.sources_digest:
-        raise PlanError(f"the sources or the unit mapping file changed since plan {plan.id} was made: "
+        raise PlanError(f"the sources, the mapping file or the consolidation policy changed since plan {plan.id} "
+                        "was made: "
                         "run `mailmerge-gov directory plan` again and review it (or --force)")
 
 
@@ -41,6 +43,13 @@ class PlanApplied:
     waiting: tuple[Membership, ...]
 
 
+def plan_entries(plan: Plan, config: Config, rows: Sequence[Membership], today: dt.date,
+                 include_base: bool) -> list[Entry]:
+    """The entries a plan gives the new directory: units, officials and groups with their members."""
+    return desired_entries(plan.people, plan.structure, config, today, include_base=include_base,
+                           memberships=rows, groups=group_codes(plan.groups, plan.structure))
+
+
 def apply_plan(config: Config, store: Store, *, dry_run: bool = False, force: bool = False,
                max_disables: int | None = None, today: dt.date | None = None) -> PlanApplied:
     """Write the newest plan into the target directory (see apply_entries for the guarantees).
@@ -55,10 +64,8 @@ def apply_plan(config: Config, store: Store, *, dry_run: bool = False, force: bo
     if not force:
         check_plan_is_current(config, plan)
         check_plan_is_reviewed(plan)
-    groups = group_codes(plan.groups, plan.structure)
     rows = memberships(plan.people, plan.groups, plan.structure, config, store.signoffs())
-    entries = desired_entries(plan.people, plan.structure, config, today or dt.date.today(),
-                              include_base=target.kind == "ldif", memberships=rows, groups=groups)
+    entries = plan_entries(plan, config, rows, today or dt.date.today(), include_base=target.kind == "ldif")
     base = config.target.base_dn
     managed = ManagedScope(subtrees=(people_dn(base), units_dn(base), groups_dn(base)))
     result = apply_entries(

@@ -83,14 +83,16 @@ def person_entry(person: PlannedPerson, structure: Structure, base_dn: str, toda
     folded = fold(person.full_name)
     given_first = " ".join(part for part in (fold(person.given), fold(person.family), fold(person.middle)) if part)
     old_dns = [ref.split(":", 1)[1] for ref in person.records]
+    role = person.kind == "role"
     return Entry(person_dn(person, base_dn), _attributes([
         ("objectClass", PERSON_CLASSES),
         ("uid", (person.address.split("@", 1)[0],)),
         # A folded cn (and a given-name-first one) lets Thunderbird's and Outlook's address
-        # book filter (cn=X*) find "Nguyễn Văn An" when X is typed without diacritics.
-        ("cn", (person.full_name, folded, given_first)),
-        ("sn", (person.family or person.given,)),
-        ("givenName", (" ".join(p for p in (person.middle, person.given) if p),)),
+        # book filter (cn=X*) find "Nguyễn Văn An" when X is typed without diacritics. A role
+        # mailbox ("Văn thư UBND tỉnh") is no personal name: it is not split.
+        ("cn", (person.full_name, folded) if role else (person.full_name, folded, given_first)),
+        ("sn", (person.full_name,) if role else (person.family or person.given,)),
+        ("givenName", () if role else (" ".join(p for p in (person.middle, person.given) if p),)),
         ("displayName", (person.full_name,)),
         # The official address first: mail clients take the first value as the one to write to.
         ("mail", [person.address] + active),

@@ -73,8 +73,15 @@ def read_sources(config: Config, store: Store) -> tuple[dict[str, Any], str]:
 
 
 def inputs_digest(config: Config, source_digests: dict[str, str]) -> str:
-    """Digest of everything a plan is made from: every source and the unit mapping file."""
+    """Digest of everything a plan is made from: sources, mapping file, and the policy in the config."""
     digest = hashlib.sha256()
+    # The parts of the configuration that change what the plan says: a changed pattern, kept
+    # source or transition end must send the administrator back to plan and review.
+    policy = (config.target.mail_domain, config.target.base_dn, config.target.code, config.target.name,
+              config.addressing, config.transition_ends.isoformat(),
+              tuple((s.name, s.code, s.domains, s.directory.preset, s.directory.attributes) for s in config.sources),
+              config.directory.privileged_groups)
+    digest.update(repr(policy).encode())
     for name in sorted(source_digests):
         digest.update(f"{name}\0{source_digests[name]}\n".encode())
     structure = config.directory.structure
@@ -198,11 +205,19 @@ def _assign(config: Config, store: Store, drafts: dict[int, _Draft], resolution:
 
 
 def _unit(structure: Structure, draft: _Draft) -> tuple[str | None, list[Issue]]:
-    """Map the naming record's old unit to a new unit code, with the issue if it cannot be."""
-    record = draft.naming
+    """Map an identity's old unit to a new unit code, with the issue if it cannot be.
+
+    The unit comes from the first record (in the naming order) that has one: an official
+    merged from a record without a unit and one with a unit is not left without one.
+    Disabled accounts are not carried over, so their units raise no issue.
+    """
+    record = next((r for r in draft.records if r.unit), draft.naming)
     subject = f"{record.ref} ({draft.person.full_name})"
+    if draft.person.disabled:
+        mapping = map_unit(structure, record.source, record.unit) if record.unit else None
+        return (mapping.new_code if mapping else None), []
     if record.unit is None:
-        return None, [] if draft.person.disabled else [Issue("no-unit", subject, False, {"source": record.source})]
+        return None, [Issue("no-unit", subject, False, {"source": record.source})]
     mapping = map_unit(structure, record.source, record.unit)
     if mapping is None:
         return None, [Issue("unit-unmapped", f"{record.source}: {record.unit}", True,
