@@ -228,3 +228,14 @@ def test_exports_as_csv_and_ldif(config_path: str) -> None:
     code, output = run("mailbox", "jobs", "-c", config_path)
     # 31 Maildirs in the example; 3 belong to disabled accounts, which are not carried over
     assert output.count("\n") - 1 == 28
+
+
+def test_draft_structure_writes_a_file_it_will_not_overwrite(config_path: str, tmp_path: Path) -> None:
+    output = tmp_path / "draft.csv"
+    code, text = run("directory", "draft-structure", "-c", config_path, "--province", "79", "-o", str(output))
+    assert (code, text) == (0, f"wrote {output}: 471 lines, 62 need review\n")
+    lines = output.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "source,old_unit,old_code,new_code,new_name,new_parent_code,status"
+    assert "binhduong,Sở Tài chính tỉnh Bình Dương,74.STC,79.STC,Sở Tài chính,79,ok" in lines
+    assert run("directory", "draft-structure", "-c", config_path, "--province", "79", "-o", str(output)) == (
+        1, f"Error: {output} exists; choose another name or remove it first\n")
