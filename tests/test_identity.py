@@ -125,3 +125,37 @@ def test_exact_keys_of_a_record() -> None:
                     employee_id="BD1")
     assert exact_keys(record) == {"address:an@bd.vn", "address:x@bd.vn", "citizen:074186004217",
                                   "employee:binhduong:BD1"}
+
+
+def test_an_identity_follows_its_keys_when_the_record_moves() -> None:
+    """An entry moved to another OU (new DN) or a CSV row shifted keeps its identity through its keys."""
+    first = resolve([person("binhduong", "a", "Bùi Thị Oanh", mail="oanh.buithi@binhduong.gov.vn"),
+                     person("binhduong", "b", "Lê Văn Cường", citizen_id="074000000009")])
+    links = {r.ref: i for i, rs in first.identities.items() for r in rs}
+    keys = {k: i for i, rs in first.identities.items() for r in rs for k in exact_keys(r)}
+    moved = [person("binhduong", "z-new-row", "Nguyễn Văn Mới"),
+             SourceRecord(source="binhduong", dn="uid=b", kind="person", full_name="Bùi Thị Oanh",
+                          mail="oanh.buithi@binhduong.gov.vn"),
+             person("binhduong", "x-moved", "Lê Văn Cường", citizen_id="074000000009")]
+    second = resolve_identities(moved, links, {}, (), iter(range(3, 10)).__next__, known_keys=keys)
+    assert {r.full_name: i for i, rs in second.identities.items() for r in rs} == {
+        "Bùi Thị Oanh": 1, "Lê Văn Cường": 2, "Nguyễn Văn Mới": 3}
+
+
+def test_a_different_decision_covers_every_record_of_the_two_officials() -> None:
+    records = [person("binhduong", "ha", "Trần Thị Thu Hà", birth_date="1986-04-17", mail="ha@bd.vn"),
+               person("binhduong", "ha2", "Trần Thị Thu Hà", birth_date="1986-04-17", aliases=("ha@bd.vn",)),
+               person("hcm", "ha", "Trần Thị Thu Hà", birth_date="1986-04-17")]
+    resolution = resolve(records, decisions={("binhduong:uid=ha", "hcm:uid=ha"): "different"})
+    assert resolution.suggestions == ()
+
+
+def test_a_merged_identity_is_numbered_by_its_first_record_in_source_order() -> None:
+    records = [person("hcm", "z", "Trần Thị Thu Hà", citizen_id="074186004217"),
+               person("baria-vungtau", "a", "Trần Thị Thu Hà", citizen_id="074186004217"),
+               person("baria-vungtau", "b", "Lê Văn Tám")]
+    counter = itertools.count(1)
+    resolution = resolve_identities(records, {}, {}, (), lambda: next(counter),
+                                    source_order=("hcm", "binhduong", "baria-vungtau"))
+    assert {r.full_name: i for i, rs in resolution.identities.items() for r in rs} == {
+        "Trần Thị Thu Hà": 1, "Lê Văn Tám": 2}

@@ -1,5 +1,6 @@
 """The plan of the example merger: who gets which address, what needs review, and stability."""
 
+import base64
 import csv
 from pathlib import Path
 
@@ -99,3 +100,33 @@ def test_report_files(planned) -> None:
     with files.issues_csv.open(encoding="utf-8") as handle:
         issues = list(csv.DictReader(handle))
     assert sum(r["blocking"] == "yes" for r in issues) == 30
+
+
+def test_an_applied_address_stays_with_its_official_when_the_entry_moves(planned, example_copy: Path) -> None:
+    config, store, first = planned
+    [an] = [p for p in first.people if p.address == "annv@hcm.gov.vn"]
+    store.mark_addresses_applied([p.identity for p in first.people])
+    ldif = example_copy / "sources" / "hcm" / "directory.ldif"
+    text = ldif.read_text(encoding="utf-8")
+    old_dn = an.records[0].split(":", 1)[1]
+    encoded = base64.b64encode(old_dn.encode()).decode()
+    moved = "uid=annv,ou=Sở Tài chính,dc=hcm,dc=gov,dc=vn"
+    new_text = text.replace(
+        _unfolded_dn_block(text, encoded), "dn:: " + base64.b64encode(moved.encode()).decode() + "\n")
+    assert new_text != text
+    ldif.write_text(new_text, encoding="utf-8")
+    second = make_plan(config, store)
+    [after] = [p for p in second.people if p.address == "annv@hcm.gov.vn"]
+    assert (after.identity, after.full_name, after.records) == (an.identity, "Nguyễn Văn An", (f"hcm:{moved}",))
+
+
+def _unfolded_dn_block(text: str, encoded: str) -> str:
+    """Return the (possibly folded) 'dn:: <encoded>' lines of an LDIF text, as they stand in it."""
+    start = text.index("dn:: " + encoded[:40])
+    end = start
+    lines = []
+    for line in text[start:].split("\n"):
+        if lines and not line.startswith(" "):
+            break
+        lines.append(line)
+    return "\n".join(lines) + "\n"

@@ -87,7 +87,8 @@ class _Groups:
 
 def resolve_identities(records: Sequence[SourceRecord], links: Mapping[str, int],
                        decisions: Mapping[tuple[str, str], str], reserved: Iterable[str],
-                       new_id: Callable[[], int], source_order: Sequence[str] = ()) -> Resolution:
+                       new_id: Callable[[], int], source_order: Sequence[str] = (),
+                       known_keys: Mapping[str, int] | None = None) -> Resolution:
     """Group person records into identities, keeping the ids earlier runs gave them.
 
     New identities are numbered in source order (the config's order of [[sources]]), then by
@@ -118,64 +119,106 @@ def resolve_identities(records: Sequence[SourceRecord], links: Mapping[str, int]
     for record in people:
         members[groups.find(record.ref)].append(record)
     rank = {name: index for index, name in enumerate(source_order)}
-    identities = _number(members, links, new_id,
-                         key=lambda root: (rank.get(root.split(":", 1)[0], len(rank)), root))
+    # A group is served by its first record in source order (then DN): a merged official's id
+    # does not depend on which source's name sorts first.
+    first = {root: min((rank.get(r.source, len(rank)), r.ref) for r in rs) for root, rs in members.items()}
+    identities = _number(members, links, new_id, key=first.__getitem__, known_keys=known_keys or {})
     reserved = tuple(reserved)
-    suggestions = _suggest(people, groups, decisions, reserved)
+    # A "different" decision is about two officials, not two records: it silences every
+    # suggestion between the identities those records ended up in.
+    apart = {frozenset((groups.find(a), groups.find(b))) for a, b in different if a in known and b in known}
+    suggestions = _suggest(people, groups, decisions, reserved, apart)
     return Resolution(identities=identities, suggestions=suggestions, conflicts=conflicts)
 
 
 def _number(members: Mapping[str, list[SourceRecord]], links: Mapping[str, int],
-            new_id: Callable[[], int], key: Callable[[str], Any]) -> dict[int, tuple[SourceRecord, ...]]:
-    """Give each group an identity id: the lowest id its records had, else a new one."""
+            new_id: Callable[[], int], key: Callable[[str], Any],
+            known_keys: Mapping[str, int]) -> dict[int, tuple[SourceRecord, ...]]:
+    """Give each group an identity id: the one its keys had, else the one its records had, else a new one.
+
+    Keys (citizen IDs, employee numbers, addresses) come first: a DN changes when an entry moves
+    to another OU, and a CSV row's ref when a row is inserted above it, but the keys stay. Were
+    the ref trusted first, an applied address would follow a row number to another person.
+    """
     identities: dict[int, tuple[SourceRecord, ...]] = {}
     # Groups are served in a fixed order, so when an identity is split (after a "different"
     # decision) the first group keeps the id and the other gets a new one.
     for root in sorted(members, key=key):
         records = tuple(members[root])
-        old = sorted({links[r.ref] for r in records if r.ref in links} - identities.keys())
+        # A membership test per id, not `set - identities.keys()`: that difference walks every key of the
+        # dict for each group, which made numbering quadratic (35 s of a 100,000-official plan).
+        old = sorted({identity for r in records for k in exact_keys(r)
+                      if (identity := known_keys.get(k)) is not None and identity not in identities})
+        if not old:
+            old = sorted({identity for r in records if (identity := links.get(r.ref)) is not None
+                          and identity not in identities})
         identities[old[0] if old else new_id()] = records
     return identities
 
 
+_NOT_DIGIT = re.compile(r"\D")
+
+
 def _phone_digits(phone: str) -> str:
     """Return the last nine digits of a phone number, so +84 and 0 prefixes compare equal."""
-    digits = re.sub(r"\D", "", phone)
+    digits = _NOT_DIGIT.sub("", phone)
     return digits[-9:] if len(digits) >= 9 else digits
 
 
 def _suggest(people: Sequence[SourceRecord], groups: _Groups, decisions: Mapping[tuple[str, str], str],
-             reserved: tuple[str, ...]) -> tuple[Suggestion, ...]:
+             reserved: tuple[str, ...], apart: set[frozenset[str]]) -> tuple[Suggestion, ...]:
     """Pair records of different identities that share a folded name and one more fact."""
-    by_name: dict[str, list[SourceRecord]] = defaultdict(list)
+    by_name: dict[str, list[_Facts]] = defaultdict(list)
     for record in people:
         if not is_role(record, reserved):
-            by_name[fold(record.full_name)].append(record)
+            by_name[fold(record.full_name)].append(_facts(record, groups))
     found: dict[tuple[str, str], Suggestion] = {}
+    # Every pair of records with one folded name is compared: at 100,000 officials that is millions of
+    # pairs (Nguyễn Văn An is common), so what a comparison needs is worked out once per record (_Facts),
+    # and the sorted pair is built only when it is needed.
     for name in sorted(by_name):
         candidates = by_name[name]
         for index, first in enumerate(candidates):
             for second in candidates[index + 1:]:
-                pair = tuple(sorted((first.ref, second.ref)))
-                if pair in decisions or groups.find(first.ref) == groups.find(second.ref):
+                if first.root == second.root or (apart and frozenset((first.root, second.root)) in apart):
+                    continue
+                if decisions and tuple(sorted((first.ref, second.ref))) in decisions:
                     continue
                 reason = _shared_fact(first, second)
                 if reason:
-                    roots = tuple(sorted((groups.find(first.ref), groups.find(second.ref))))
+                    pair = sorted((first.ref, second.ref))
+                    roots = (first.root, second.root) if first.root < second.root else (second.root, first.root)
                     # One suggestion per pair of identities is enough for a person to decide.
                     found.setdefault(roots, Suggestion(pair[0], pair[1], reason))
     return tuple(sorted(found.values(), key=lambda s: (s.ref_a, s.ref_b)))
 
 
-def _shared_fact(a: SourceRecord, b: SourceRecord) -> str | None:
+@dataclass(frozen=True, slots=True)
+class _Facts:
+    """What _shared_fact compares of one record, worked out once."""
+
+    ref: str
+    root: str  # its group's representative: records of one identity are never suggested
+    source: str
+    birth_date: str | None
+    phones: frozenset[str]  # last nine digits of every phone and mobile, "" left out
+    title: str | None  # folded; None when the record has none (a title of spaces folds to "" and counts)
+
+
+def _facts(record: SourceRecord, groups: _Groups) -> _Facts:
+    """Collect the facts of one record that suggestions compare."""
+    phones = frozenset(_phone_digits(p) for p in record.phones + record.mobiles if p) - {""}
+    return _Facts(record.ref, groups.find(record.ref), record.source, record.birth_date, phones,
+                  fold(record.title) if record.title else None)
+
+
+def _shared_fact(a: _Facts, b: _Facts) -> str | None:
     """Say which fact besides the name two records share, if any."""
     if a.birth_date and a.birth_date == b.birth_date:
         return "same name and date of birth"
-    phones_a = {_phone_digits(p) for p in a.phones + a.mobiles if p}
-    phones_b = {_phone_digits(p) for p in b.phones + b.mobiles if p}
-    if phones_a & phones_b - {""}:
+    if a.phones & b.phones:
         return "same name and phone number"
     # A title is shared by many; only across sources (an official who moved) is it a hint.
-    if a.source != b.source and a.title and b.title and fold(a.title) == fold(b.title):
+    if a.source != b.source and a.title is not None and b.title is not None and a.title == b.title:
         return "same name and title, in different sources"
     return None

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 from mailmerge_gov.config import Config
 from mailmerge_gov.directory.addressing import Assignment, Candidate, assign_addresses, held_addresses
-from mailmerge_gov.directory.identity import Resolution, is_role, resolve_identities
+from mailmerge_gov.directory.identity import Resolution, exact_keys, is_role, resolve_identities
 from mailmerge_gov.directory.model import Alias, PlannedPerson, SourceRecord, Structure
 from mailmerge_gov.directory.sources import read_source
 from mailmerge_gov.directory.structure import load_structure, map_unit
@@ -100,8 +100,11 @@ def make_plan(config: Config, store: Store) -> Plan:
     records = [record for read in reads.values() for record in read.records]
     resolution = resolve_identities(records, store.identity_links(), store.decisions(),
                                     config.addressing.reserved, store.new_identity,
-                                    source_order=[source.name for source in config.sources])
+                                    source_order=[source.name for source in config.sources],
+                                    known_keys=store.identity_keys())
     store.link_records({r.ref: identity for identity, rs in resolution.identities.items() for r in rs})
+    store.save_identity_keys({key: identity for identity, rs in resolution.identities.items()
+                              for r in rs for key in exact_keys(r)})
 
     order = {source.name: index for index, source in enumerate(config.sources)}
     keep = set(config.addressing.keep_addresses_of)

@@ -280,7 +280,8 @@ def read_entry(rules: FieldMap, source: str, dn: str, attributes: RawAttributes,
 
 def keep_raw(attributes: RawAttributes) -> RawAttributes:
     """Return the attributes as kept for history: sorted by name, secrets left out, values in order."""
-    kept = [(name, values) for name, values in attributes if name.lower() not in SECRET_ATTRIBUTES]
+    # the entry's own (name, values) pairs, not copies: a record keeps them for as long as the plan runs
+    kept = [item for item in attributes if item[0].lower() not in SECRET_ATTRIBUTES]
     return tuple(sorted(kept, key=lambda item: (item[0].lower(), item[0])))
 
 
