@@ -730,6 +730,10 @@ def open_store(path: Path, migrations: Sequence[Migration] = MIGRATIONS) -> Stor
         backup = path.with_name(f"{path.name}.v{status.version}.bak")
         _backup(path, backup)
     # Autocommit mode: every transaction in this module is explicit (BEGIN … COMMIT).
+    if not path.exists():
+        # The state file holds citizen IDs, dates of birth and every address: readable by its
+        # owner only. SQLite gives the -wal and -shm files the database file's permissions.
+        path.touch(mode=0o600)
     db = sqlite3.connect(path, isolation_level=None)
     # SQLite-only tuning: WAL lets the web page read while a batch job writes; the busy timeout
     # makes a second process wait for a lock instead of failing at once.

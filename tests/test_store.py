@@ -113,3 +113,11 @@ def test_audit_actor_defaults_to_the_user(tmp_path: Path) -> None:
     with open_store(tmp_path / "state.sqlite") as store:
         store.audit("open", "state")
         assert [e.actor for e in store.audit_log()] == [getpass.getuser()]
+
+
+def test_a_new_state_file_is_readable_by_its_owner_only(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    with open_store(path) as store:
+        store.audit("open", "state")
+        assert oct((tmp_path / "state.sqlite-wal").stat().st_mode & 0o777) == "0o600"
+    assert oct(path.stat().st_mode & 0o777) == "0o600"

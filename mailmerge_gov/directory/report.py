@@ -128,5 +128,7 @@ def _write_files(folder: Path, files: Sequence[tuple[Path, str]]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for path, text in files:
         temporary = path.with_name(path.name + ".tmp")
+        # Reports name officials with their old addresses and units: owner-readable only.
+        temporary.touch(mode=0o600)
         temporary.write_text(text, encoding="utf-8")
         temporary.replace(path)
