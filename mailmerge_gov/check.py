@@ -16,6 +16,7 @@ import ldap3
 import ldap3.core.exceptions
 
 from mailmerge_gov.config import Config, DirectoryConfig, LdapServer, MailServer, SecretError
+from mailmerge_gov.ldapconn import LdapConnectError, failure_reason, open_connection, result_reason
 from mailmerge_gov.store import StoreError, inspect_store
 
 
@@ -136,52 +137,22 @@ def _check_ldap(subject: str, server: LdapServer) -> CheckResult:
         password = server.password.reveal() if server.password else None
     except SecretError as exc:
         return CheckResult(subject, server.url, False, str(exc))
-    tls = None
-    if server.use_ssl or server.starttls:
-        tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=str(server.ca_file) if server.ca_file else None)
-    ldap_server = ldap3.Server(server.host, port=server.port, use_ssl=server.use_ssl, tls=tls,
-                               connect_timeout=server.timeout, get_info=ldap3.NONE)
-    connection = ldap3.Connection(ldap_server, user=server.bind_dn, password=password,
-                                  # ldap3 packs this into SO_RCVTIMEO with struct: it must be an int
-                                  receive_timeout=max(1, round(server.timeout)), raise_exceptions=False)
     try:
-        if not connection.open() and connection.closed:
-            return CheckResult(subject, server.url, False, "cannot connect")
-        if server.starttls and not connection.start_tls():
-            return CheckResult(subject, server.url, False, f"StartTLS failed: {_ldap_reason(connection)}")
-        if not connection.bind():
-            who = server.bind_dn or "anonymous"
-            return CheckResult(subject, server.url, False, f"bind as {who} failed: {_ldap_reason(connection)}")
+        connection = open_connection(server, password, read_only=True)
+    except LdapConnectError as exc:
+        return CheckResult(subject, server.url, False, str(exc))
+    try:
         found = connection.search(server.base_dn, "(objectClass=*)", search_scope=ldap3.BASE, attributes=["1.1"])
         if not found:
             return CheckResult(subject, server.url, False,
-                               f"base DN {server.base_dn} not readable: {_ldap_reason(connection)}")
+                               f"base DN {server.base_dn} not readable: {result_reason(connection)}")
     except ldap3.core.exceptions.LDAPException as exc:
-        return CheckResult(subject, server.url, False, _exception_reason(exc))
+        return CheckResult(subject, server.url, False, failure_reason(exc))
     finally:
         connection.unbind()
     who = f"bound as {server.bind_dn}" if server.bind_dn else "anonymous bind"
     tls_note = ", TLS" if server.use_ssl else (", StartTLS" if server.starttls else "")
     return CheckResult(subject, server.url, True, f"{who}{tls_note}, base DN {server.base_dn} found")
-
-
-def _ldap_reason(connection: ldap3.Connection) -> str:
-    """Describe the last LDAP result of a connection."""
-    result = connection.result or {}
-    text = result.get("description") or "no answer"
-    message = result.get("message")
-    return f"{text} ({message})" if message else text
-
-
-def _exception_reason(exc: BaseException) -> str:
-    """Describe a connection failure the way an administrator reads it."""
-    text = str(exc)
-    # ldap3 wraps the socket error in a list repr; keep the words a person can act on.
-    for marker in ("Connection refused", "timed out", "Name or service not known", "No route to host",
-                   "certificate verify failed"):
-        if marker in text:
-            return f"cannot connect: {marker.lower() if marker != 'Connection refused' else 'connection refused'}"
-    return f"cannot connect: {text}" if text else f"cannot connect: {type(exc).__name__}"
 
 
 def _check_mail(config: Config, subject: str, server: MailServer, output: bool = False) -> CheckResult:

@@ -8,7 +8,6 @@ import dataclasses
 import hashlib
 import json
 import re
-import ssl
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -17,6 +16,7 @@ import ldap3
 import ldap3.core.exceptions
 
 from mailmerge_gov.config import LdapServer, SecretError, Source
+from mailmerge_gov.ldapconn import LdapConnectError, failure_reason, open_connection, result_reason
 from mailmerge_gov.directory.ldif import LdifError, read_ldif
 from mailmerge_gov.directory.model import RawAttributes, SourceRecord
 from mailmerge_gov.directory.presets import (
@@ -228,24 +228,11 @@ def _ldap_entries(server: LdapServer, wanted: list[str]) -> Iterator[_Entry]:
         password = server.password.reveal() if server.password else None
     except SecretError as exc:
         raise SourceError(f"{url}: cannot read the bind password: {exc}") from None
-    tls = None
-    if server.use_ssl or server.starttls:
-        tls = ldap3.Tls(validate=ssl.CERT_REQUIRED, ca_certs_file=str(server.ca_file) if server.ca_file else None)
-    connection = ldap3.Connection(
-        ldap3.Server(server.host, port=server.port, use_ssl=server.use_ssl, tls=tls,
-                     connect_timeout=server.timeout, get_info=ldap3.NONE),
-        user=server.bind_dn, password=password, read_only=True, raise_exceptions=False, auto_referrals=False,
-        # ldap3 packs this into SO_RCVTIMEO with struct: it must be an int
-        receive_timeout=max(1, round(server.timeout)),
-    )
     try:
-        connection.open()
-        if connection.closed:
-            raise SourceError(f"{url}: cannot connect")
-        if server.starttls and not connection.start_tls():
-            raise SourceError(f"{url}: StartTLS failed: {_ldap_reason(connection)}")
-        if not connection.bind():
-            raise SourceError(f"{url}: bind as {server.bind_dn or 'anonymous'} failed: {_ldap_reason(connection)}")
+        connection = open_connection(server, password, read_only=True)
+    except LdapConnectError as exc:
+        raise SourceError(f"{url}: {exc}") from None
+    try:
         cookie: bytes | None = None
         while True:
             # Our own page loop, not ldap3's paged_search generator: that one yields each page
@@ -254,7 +241,7 @@ def _ldap_entries(server: LdapServer, wanted: list[str]) -> Iterator[_Entry]:
             connection.search(server.base_dn, "(objectClass=*)", ldap3.SUBTREE, attributes=["*", *wanted],
                               paged_size=PAGE_SIZE, paged_cookie=cookie)
             if connection.result["result"] != 0:
-                raise SourceError(f"{url}: search of '{server.base_dn}' failed: {_ldap_reason(connection)}")
+                raise SourceError(f"{url}: search of '{server.base_dn}' failed: {result_reason(connection)}")
             for item in connection.response or ():
                 if item.get("type") == "searchResEntry":  # referrals (AD's DomainDnsZones …) are not entries
                     yield _Entry(item["dn"], _decoded(item["raw_attributes"]), None, url)
@@ -262,7 +249,7 @@ def _ldap_entries(server: LdapServer, wanted: list[str]) -> Iterator[_Entry]:
             if not cookie:
                 break
     except ldap3.core.exceptions.LDAPException as exc:
-        raise SourceError(f"{url}: {_connect_reason(exc)}") from None
+        raise SourceError(f"{url}: {failure_reason(exc)}") from None
     finally:
         connection.unbind()
 
@@ -280,25 +267,6 @@ def _decoded(raw: dict[str, list[bytes]]) -> RawAttributes:
         if texts:
             attributes.append((name, tuple(texts)))
     return tuple(attributes)
-
-
-def _ldap_reason(connection: ldap3.Connection) -> str:
-    """Describe the last LDAP result of a connection."""
-    result = connection.result or {}
-    text = result.get("description") or "no answer"
-    message = result.get("message")
-    return f"{text} ({message})" if message else text
-
-
-def _connect_reason(exc: BaseException) -> str:
-    """Describe a connection failure the way an administrator reads it."""
-    text = str(exc)
-    # ldap3 wraps the socket error in a list repr; keep the words a person can act on.
-    for marker in ("Connection refused", "timed out", "Name or service not known", "No route to host",
-                   "certificate verify failed"):
-        if marker in text:
-            return f"cannot connect: {marker[0].lower()}{marker[1:]}"
-    return f"connection failed: {text or type(exc).__name__}"
 
 
 # --- CSV -----------------------------------------------------------------------------------------
