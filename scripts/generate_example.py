@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from email.utils import format_datetime
 from pathlib import Path
+from typing import Sequence
 from urllib.parse import quote
 
 # Dovecot stores Maildir++ folder names in IMAP modified UTF-7 (RFC 3501 5.1.3); imapclient's
@@ -330,6 +331,10 @@ def assign_identifiers(src: Source, people: list[Person], rng: random.Random) ->
         birth_province = rng.choice((src.code,) * 6 + (38, 40, 52, 80))
         century = {"M": 0, "F": 1}[p.gender] + (2 if dob.year >= 2000 else 0)
         p.citizen_id = f"{birth_province:03d}{century}{dob.year % 100:02d}{rng.randrange(10**6):06d}"
+        while p.citizen_id in citizen_ids:
+            # Six random digits repeat by chance among tens of thousands of people (the benchmark's
+            # scale); a redraw only happens then, so the example's RNG stream, and its bytes, stay.
+            p.citizen_id = f"{birth_province:03d}{century}{dob.year % 100:02d}{rng.randrange(10**6):06d}"
         if p.tag == "moved":
             p.dob, p.citizen_id = MOVED
         assert p.citizen_id not in citizen_ids
@@ -342,7 +347,9 @@ def assign_identifiers(src: Source, people: list[Person], rng: random.Random) ->
                    "baria-vungtau": f"+84 254 385 {rng.randrange(10**4):04d}"}[src.key]
         full = fold(p.name).replace(" ", "")  # nguyenvanan, an older convention kept as alias
         if src.key == "hcm" and rng.random() < 0.1:
-            p.aliases.append(f"{full}@tphcm.gov.vn")
+            if full not in taken:  # two Nguyễn Văn An with this alias: rare at 300 people, common at 30,000
+                taken.add(full)
+                p.aliases.append(f"{full}@tphcm.gov.vn")
         elif src.key == "binhduong":
             if p.unit and p.unit.key in BD_SUBDOMAINS:
                 p.aliases.append(f"{local}@{BD_SUBDOMAINS[p.unit.key]}.binhduong.gov.vn")
@@ -573,11 +580,11 @@ def hr_csv(people: list[Person], rng: random.Random) -> tuple[bytes, int]:
     return csv_bytes([header] + rows, excel=True), len(rows)
 
 
-def structure_csv(units: dict[str, list[Unit]]) -> bytes:
+def structure_csv(units: dict[str, list[Unit]], sources: Sequence[Source] = SOURCES) -> bytes:
     """Return the unit mapping file: the provinces first, then every old unit of every source."""
     rows = [["source", "old_unit", "old_code", "new_code", "new_name", "new_parent_code", "status"]]
-    rows += [[s.key, s.org, str(s.code), str(NEW_PROVINCE[0]), NEW_PROVINCE[1], "", "ok"] for s in SOURCES]
-    for s in SOURCES:
+    rows += [[s.key, s.org, str(s.code), str(NEW_PROVINCE[0]), NEW_PROVINCE[1], "", "ok"] for s in sources]
+    for s in sources:
         rows += [[s.key, u.name, u.old_code, u.new_code, u.new_name, "79" if u.new_code else "", u.status]
                  for u in units[s.key]]
     return csv_bytes(rows)
@@ -727,17 +734,30 @@ def pick_mailbox_owners(rng: random.Random, people: list[Person], count: int) ->
 # ---------------------------------------------------------------------------------------------
 
 
-def build(seed: int) -> tuple[dict[str, bytes], list[str], dict]:
-    """Return every generated file (path -> bytes), the Maildir directories and the counts."""
+@dataclass
+class Directories:
+    """The old directories of every source: files (path -> bytes), counts, and the units and people behind them."""
+
+    files: dict[str, bytes]
+    counts: dict[str, dict]
+    units: dict[str, list[Unit]]
+    people: dict[str, list[Person]]  # officials only, role accounts not included
+
+
+def build_directories(seed: int, sources: Sequence[Source] = SOURCES) -> Directories:
+    """Return the old directories (LDIF, Bình Dương's HR CSV) and the unit mapping file of the sources.
+
+    Shared by build() (the example, with mailboxes) and scripts/bench_directory.py (the same shapes with
+    tens of thousands of officials per source: pass copies of SOURCES with a larger `people`).
+    """
     files: dict[str, bytes] = {}
-    dirs: list[str] = []
     units, people = {}, {}
-    for src in SOURCES:  # one RNG per source and purpose, so one part changing leaves the rest
+    for src in sources:  # one RNG per source and purpose, so one part changing leaves the rest
         units[src.key] = build_units(src)
         people[src.key] = make_people(src, units[src.key], random.Random(f"{seed}:{src.key}:people"))
         assign_identifiers(src, people[src.key], random.Random(f"{seed}:{src.key}:ids"))
     counts: dict = {}
-    for src in SOURCES:
+    for src in sources:
         staff = people[src.key]
         accounts = staff + role_accounts(src, units[src.key])
         rng = random.Random(f"{seed}:{src.key}:files")
@@ -753,6 +773,19 @@ def build(seed: int) -> tuple[dict[str, bytes], list[str], dict]:
         writer = {"hcm": ldif_hcm, "binhduong": ldif_ad}.get(src.key)
         files[f"sources/{src.key}/directory.ldif"] = writer(src, units[src.key], accounts, groups) if writer \
             else ldif_zimbra(src, units[src.key], accounts, groups, rng)
+    files["structure.csv"] = structure_csv(units, sources)
+    return Directories(files, counts, units, people)
+
+
+def build(seed: int) -> tuple[dict[str, bytes], list[str], dict]:
+    """Return every generated file (path -> bytes), the Maildir directories and the counts."""
+    directories = build_directories(seed)
+    files, counts, people = directories.files, directories.counts, directories.people
+    dirs: list[str] = []
+    for src in SOURCES:
+        staff = people[src.key]
+        accounts = staff + role_accounts(src, directories.units[src.key])
+        c = counts[src.key]
         stats = dict.fromkeys(("mailboxes", "folders", "messages", "duplicates", "without_message_id",
                                "raw_8bit_headers", "with_attachment"), 0)
         mrng = random.Random(f"{seed}:{src.key}:mail")
@@ -765,7 +798,6 @@ def build(seed: int) -> tuple[dict[str, bytes], list[str], dict]:
             build_mailbox(mrng, owner, [x for x in peers if x[1] != owner.address], staff, files, dirs, stats,
                           force_duplicate=i == 0)
         c.update(stats, role_mailboxes=sum(p.role for p in owners))
-    files["structure.csv"] = structure_csv(units)
     return files, dirs, counts
 
 

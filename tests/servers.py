@@ -193,13 +193,21 @@ def dn_in_suffix(dn: str, suffix: str) -> bool:
 class SlapdServer:
     """A private OpenLDAP slapd serving several mdb suffixes on a free loopback port."""
 
-    def __init__(self, suffixes: Sequence[str], seed_ldif: str = "", schemas: Sequence[str | Path] = ()) -> None:
-        """Describe the instance; nothing runs until start(). `schemas`: extra slapd.conf schema files to include."""
+    def __init__(self, suffixes: Sequence[str], seed_ldif: str = "", schemas: Sequence[str | Path] = (),
+                 maxsize: int = 104857600, database_options: Sequence[str] = ()) -> None:
+        """Describe the instance; nothing runs until start().
+
+        `schemas`: extra slapd.conf schema files to include. `maxsize`: the size limit of each mdb database in
+        bytes (100 MB holds the tests' data; 100,000 officials need more). `database_options`: extra slapd.conf
+        lines for each mdb database, e.g. "dbnosync" for a benchmark that compares two clients on equal terms.
+        """
         if not suffixes:
             raise ValueError("SlapdServer needs at least one suffix")
         self.suffixes: tuple[str, ...] = tuple(suffixes)
         self.seed_ldif = seed_ldif
         self.schemas: tuple[Path, ...] = tuple(Path(schema).resolve() for schema in schemas)
+        self.maxsize = maxsize
+        self.database_options: tuple[str, ...] = tuple(database_options)
         # hex only: safe unquoted in slapd.conf and on any client's command line
         self.admin_password = secrets.token_hex(12)
         self.config_dn = "cn=admin,cn=config"
@@ -296,6 +304,7 @@ rootdn   "{self.config_dn}"
 rootpw   {self.admin_password}
 """
         databases = []
+        options = "".join(f"{line}\n" for line in self.database_options)
         for index, suffix in enumerate(self.suffixes, start=1):
             databases.append(f"""
 database  mdb
@@ -303,11 +312,11 @@ suffix    "{suffix}"
 rootdn    "{self.admin_dn(suffix)}"
 rootpw    {self.admin_password}
 directory {self.dir}/db{index}
-maxsize   104857600
+maxsize   {self.maxsize}
 index     objectClass eq
 index     uid,mail,cn eq,sub
 index     mailLocalAddress,mailRoutingAddress eq
-""")
+{options}""")
         return head + "".join(databases)
 
     def base_entry(self, suffix: str) -> str:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import gc
 import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from mailmerge_gov.config import DirectoryConfig
 from mailmerge_gov.directory.ldif import Attributes, format_change, format_entry, read_ldif
@@ -29,6 +31,8 @@ ROUTING = "mailRoutingAddress"
 DISABLED = "disabled"
 PERSON_CLASSES = frozenset({"person", "organizationalperson", "inetorgperson"})
 MAX_PROBLEMS = 20
+# Changes per transaction of the apply log (see _write_ldap); at most this many may be left "intended" by a kill.
+BATCH = 500
 
 # The attributes apply owns on its entries (desired entries with objectClass mailmergeHistory: officials and
 # units): it sets them to the desired values and removes them when a desired entry has none. Every attribute
@@ -82,6 +86,24 @@ class RollbackResult:
     changes: tuple[Change, ...]
 
 
+def _collector_paused[**P, R](function: Callable[P, R]) -> Callable[P, R]:
+    """Run a function with the cyclic garbage collector paused (reference counting still frees memory)."""
+    # An apply holds the plan and two copies of the directory, and builds hundreds of thousands of entries and
+    # changes, none in a reference cycle. The collector would walk that whole heap again and again while they are
+    # made: pausing it took 3 s off applying 100,000 officials and 4 s off applying them again.
+    @functools.wraps(function)
+    def paused(*args: P.args, **kwargs: P.kwargs) -> R:
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            if was_enabled:
+                gc.enable()
+    return paused
+
+
+@_collector_paused
 def apply_entries(store: Store, target: DirectoryConfig, desired: Sequence[Entry], *, base_dn: str, plan_id: int,
                   managed: ManagedScope | None = None, max_disables: int, dry_run: bool = False, backup_dir: Path,
                   identities: Sequence[int] = (), on_change: Progress | None = None) -> ApplyResult:
@@ -126,6 +148,7 @@ def apply_entries(store: Store, target: DirectoryConfig, desired: Sequence[Entry
         directory.close()
 
 
+@_collector_paused
 def rollback(store: Store, target: DirectoryConfig, apply_id: int, *, base_dn: str, dry_run: bool = False,
              on_change: Progress | None = None) -> RollbackResult:
     """Put the target back as it was before one apply: delete what it added, restore what it changed."""
@@ -248,7 +271,7 @@ def _entry_problems(entry: Entry, schema: Schema | None) -> list[str]:
     problems = []
     seen: set[str] = set()
     for name, values in entry.attributes:
-        if not ATTRIBUTE_NAME.match(name):
+        if not _valid_name(name):
             problems.append(f"{dn}: '{name}' is not a valid attribute name")
             continue
         if name.lower() in seen:
@@ -278,27 +301,41 @@ def _entry_problems(entry: Entry, schema: Schema | None) -> list[str]:
     return problems
 
 
+@functools.lru_cache(maxsize=1024)
+def _valid_name(name: str) -> bool:
+    """Tell whether a string is an attribute description (asked once per attribute of every entry)."""
+    return bool(ATTRIBUTE_NAME.match(name))
+
+
 def _value_problems(dn: str, name: str, values: tuple[str, ...]) -> list[str]:
     """Check the values of one attribute: text, UTF-8, no NUL, not empty, no value twice."""
+    if len(values) == 1:
+        # most attributes have one value: the checks below, in one expression (2 million attributes for
+        # 100,000 officials)
+        value = values[0]
+        if isinstance(value, str) and value and value.isascii() and "\x00" not in value:
+            return []
     problems = []
     seen: set[str] = set()
     for value in values:
         if not isinstance(value, str):
             problems.append(f"{dn}: attribute '{name}' has a value that is not text: {value!r}")
             continue
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            problems.append(f"{dn}: attribute '{name}' has a value that is not valid UTF-8: {value!r}")
-            continue
+        if not value.isascii():  # ASCII is UTF-8: only other text can hold a lone surrogate
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                problems.append(f"{dn}: attribute '{name}' has a value that is not valid UTF-8: {value!r}")
+                continue
+        lowered = value.lower()
         if "\x00" in value:
             problems.append(f"{dn}: attribute '{name}' has a value with a NUL character: {value!r}")
         elif value == "":
             problems.append(f"{dn}: attribute '{name}' has an empty value")
-        elif value.lower() in seen:
+        elif lowered in seen:
             # most attributes compare without case: the server would refuse the second one
             problems.append(f"{dn}: attribute '{name}' has the value '{value}' twice")
-        seen.add(value.lower())
+        seen.add(lowered)
     return problems
 
 
@@ -308,8 +345,7 @@ def _spelled(entry: Entry, schema: Schema | None) -> Entry:
         return entry
     attributes = []
     for name, values in entry.attributes:
-        known = schema.attribute(name)
-        spelled = known.name + name[len(name.split(";")[0]):] if known else name
+        spelled = schema.spelling(name)
         if spelled.lower() == "objectclass":
             values = tuple(schema.object_class(value) or value for value in values)
         attributes.append((spelled, values))
@@ -373,9 +409,20 @@ def _modifications(existing: Entry, desired: Entry, owned: tuple[str, ...]) -> l
     have_classes = {value.lower() for value in existing.get("objectClass")}
     missing = tuple(value for value in desired.get("objectClass") if value.lower() not in have_classes)
     modifications: list[Modification] = [("add", "objectClass", missing)] if missing else []
+    # the attributes by lower-cased name, looked up once per entry instead of scanned once per name
+    have, want = _by_name(existing), _by_name(desired)
     for name in names:
-        modifications += edit_values(name, existing.get(name), desired.get(name))
+        key = name.lower()
+        modifications += edit_values(name, have.get(key, ()), want.get(key, ()))
     return modifications
+
+
+def _by_name(entry: Entry) -> dict[str, tuple[str, ...]]:
+    """An entry's values by lower-cased attribute name; the first attribute of a name wins, as in Entry.get."""
+    values: dict[str, tuple[str, ...]] = {}
+    for name, found in entry.attributes:
+        values.setdefault(name.lower(), found)
+    return values
 
 
 def _disabling(entry: Entry, schema: Schema | None) -> list[Modification]:
@@ -453,21 +500,57 @@ def _back_up(directory: LdapTarget | LdifTarget, apply_id: int, current: Sequenc
     return path
 
 
+def _batches(total: int) -> Iterator[range]:
+    """Split change indexes into batches of 1, 2, 4 … up to BATCH changes."""
+    # Small batches first: when the very first changes fail (a missing ACL, a schema the server lacks) the run
+    # stops with only a few changes logged as intended, and the batches soon reach the size that pays.
+    start, size = 0, 1
+    while start < total:
+        yield range(start, min(start + size, total))
+        start += size
+        size = min(size * 2, BATCH)
+
+
 def _write_ldap(store: Store, directory: LdapTarget, apply_id: int, changes: Sequence[Change],
                 backup: Path | None, on_change: Progress | None) -> None:
-    """Write changes one at a time: logged as intended before, done after the server's yes."""
-    for seq, change in enumerate(changes, start=1):
-        store.record_apply_changes(apply_id, [(seq, change.op, change.dn, change.before, change.after)])
+    """Write changes batch by batch: logged as intended before sending, done (and audited) after the server's yes."""
+    # The log keeps its promise with one transaction per batch instead of two per change: every change is
+    # recorded as intended before it is sent, and marked done only after the server's yes. A kill -9 can leave
+    # changes of the last batch that were in fact written marked intended, as the old one-at-a-time loop could
+    # for its one change: intended means "may have been written", and both a rollback (it deletes an added entry
+    # that exists, restores modified values that differ) and a new apply (it compares with the server) handle
+    # such a change correctly. The audit log gets the changes of a batch when the batch is marked done.
+    written = 0
+    for batch in _batches(len(changes)):
+        sent = [changes[index] for index in batch]
+        store.record_apply_changes(apply_id, [(index + 1, change.op, change.dn, change.before, change.after)
+                                              for index, change in zip(batch, sent)])
+        done: list[int] = []  # sequence numbers (index + 1) in the log
+        refused: list[tuple[int, TargetRefused]] = []
         try:
-            directory.send(change)
-        except TargetRefused as exc:
-            store.refuse_apply_change(apply_id, seq)
-            store.finish_apply(apply_id, "failed", error=str(exc))
-            raise ApplyError(f"{exc}\napply {apply_id} stopped there: {seq - 1} of {len(changes)} changes were "
-                             f"written (backup: {backup}); rollback {apply_id} undoes them") from exc
-        store.complete_apply_changes(apply_id, [seq])
+            for position, refusal in directory.write(sent):
+                if refusal is None:
+                    done.append(batch[position] + 1)
+                else:
+                    refused.append((batch[position] + 1, refusal))
+        finally:
+            # also when the connection failed: what the server confirmed is done; the rest stays intended
+            done.sort()
+            store.complete_apply_changes(apply_id, done)
+        written += len(done)
+        if refused:
+            _, first = min(refused, key=lambda item: item[0])
+            for seq, _ in refused:
+                store.refuse_apply_change(apply_id, seq)
+            # what was never sent is no part of this run: the log keeps only what was or may have been written
+            answered = set(done) | {seq for seq, _ in refused}
+            store.forget_apply_changes(apply_id, [index + 1 for index in batch if index + 1 not in answered])
+            store.finish_apply(apply_id, "failed", error=str(first))
+            raise ApplyError(f"{first}\napply {apply_id} stopped there: {written} of {len(changes)} changes were "
+                             f"written (backup: {backup}); rollback {apply_id} undoes them") from first
         if on_change:
-            on_change(seq, len(changes))
+            for count in range(written - len(done) + 1, written + 1):
+                on_change(count, len(changes))
 
 
 def _write_file(store: Store, directory: LdifTarget, apply_id: int, current: Sequence[Entry],
@@ -533,21 +616,35 @@ def _restoring(entry: Entry, before: Attributes, changed: list[str]) -> list[Mod
 
 def _undo_ldap(store: Store, directory: LdapTarget, apply_id: int, undo: Sequence[tuple[int, Change | None]],
                on_change: Progress | None) -> None:
-    """Send the undo changes one at a time, each marked undone (and audited) after the server's yes."""
+    """Send the undo changes batch by batch, each marked undone (and audited) after the server's yes."""
     total = sum(1 for _, change in undo if change is not None)
     done = 0
-    for seq, change in undo:
-        if change is not None:
-            try:
-                directory.send(change)
-            except TargetError as exc:
-                raise RollbackError(f"{exc} (rollback of apply {apply_id} stopped there; run it again once the "
-                                    "cause is fixed)") from exc
-        store.undo_apply_changes(apply_id, [(seq, *_logged(change))])
-        if change is not None:
-            done += 1
-            if on_change:
+    for batch in _batches(len(undo)):
+        rows = [undo[index] for index in batch]
+        sending = [index for index, (_, change) in enumerate(rows) if change is not None]
+        confirmed: set[int] = set()
+        problem: TargetError | None = None
+        failed_at = len(rows)  # the first row that failed, when one did
+        try:
+            for position, refusal in directory.write([change for _, change in rows if change is not None]):
+                if refusal is None:
+                    confirmed.add(sending[position])
+                elif sending[position] < failed_at:
+                    problem, failed_at = refusal, sending[position]
+        except TargetError as exc:
+            problem = exc
+            failed_at = min([index for index in sending if index not in confirmed] + [failed_at])
+        # undone: the changes the server confirmed, and the rows with nothing to undo before the first failure
+        marked = [(seq, *_logged(change)) for index, (seq, change) in enumerate(rows)
+                  if index in confirmed or (change is None and index < failed_at)]
+        store.undo_apply_changes(apply_id, marked)
+        if on_change:
+            for _ in confirmed:
+                done += 1
                 on_change(done, total)
+        if problem is not None:
+            raise RollbackError(f"{problem} (rollback of apply {apply_id} stopped there; run it again once the "
+                                "cause is fixed)") from problem
 
 
 def _logged(change: Change | None) -> tuple[Attributes | None, Attributes | None]:

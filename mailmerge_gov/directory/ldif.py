@@ -50,34 +50,40 @@ class LdifEntry:
 
 def _logical_lines(stream: Iterable[str], name: str) -> Iterator[tuple[int, str]]:
     """Unfold continuation lines and drop comments; yield (line number, text); '' ends a record."""
-    current: list[str] = []
+    # Nearly every line of an export stands alone: it is kept as it is, and only a line that continues gets a
+    # list to join (a list per line was a fifth of the time of reading two million lines).
+    pending: str | None = None  # the logical line being read
+    folded: list[str] | None = None  # its parts, once a continuation line came
     start = 0
     in_comment = False
     for number, raw in enumerate(stream, start=1):
         line = raw.rstrip("\r\n")
         if number == 1 and line.startswith("\ufeff"):
             line = line[1:]
-        if line.startswith(" "):
+        first = line[:1]
+        if first == " ":
             if in_comment:
                 continue
-            if not current:
+            if pending is None:
                 raise LdifError(f"{name}, line {number}: a continuation line (starting with a space) "
                                 "follows nothing")
-            current.append(line[1:])
+            if folded is None:
+                folded = [pending]
+            folded.append(line[1:])
             continue
-        if current:
-            yield start, "".join(current)
-            current = []
-        in_comment = line.startswith("#")
+        if pending is not None:
+            yield start, pending if folded is None else "".join(folded)
+            pending = folded = None
+        in_comment = first == "#"
         if in_comment:
             continue
-        if line == "":
+        if not line:
             yield number, ""
             continue
         start = number
-        current = [line]
-    if current:
-        yield start, "".join(current)
+        pending = line
+    if pending is not None:
+        yield start, pending if folded is None else "".join(folded)
 
 
 def read_ldif(stream: IO[str], name: str) -> Iterator[LdifEntry]:
