@@ -332,9 +332,9 @@ def directory_export(config_path: Path, fmt: str, output: Path | None) -> None:
     config = read_config(config_path)
     with opened(config) as store:
         plan = load_plan(config, store)
+        signoffs = store.signoffs()
     if fmt == "ldif":
-        with opened(config) as store:
-            rows = memberships(plan.people, plan.groups, plan.structure, config, store.signoffs())
+        rows = memberships(plan.people, plan.groups, plan.structure, config, signoffs)
         entries = plan_entries(plan, config, rows, dt.date.today(), include_base=True)
         text = "".join(format_entry(entry.dn, entry.attributes) for entry in entries)
     elif fmt == "csv":

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 import jinja2
 
 from mailmerge_gov import tomlpos
+from mailmerge_gov.textfile import read_utf8
 
 T = TypeVar("T")
 
@@ -420,15 +421,7 @@ class _Loader:
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and check a consolidation file; raise ConfigError naming file, line and key."""
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the configuration: {exc.strerror}") from exc
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise ConfigError(f"{path}, line {line}: the file is not valid UTF-8") from exc
+    text = read_utf8(path, "configuration", ConfigError)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

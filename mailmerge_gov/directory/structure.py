@@ -17,6 +17,7 @@ from mailmerge_gov import tomlpos
 from mailmerge_gov.config import Config
 from mailmerge_gov.directory.model import NewUnit, Structure, UnitMapping
 from mailmerge_gov.vietnamese import fold
+from mailmerge_gov.textfile import read_utf8
 
 STATUSES = ("ok", "needs review")
 COLUMNS = ("source", "old_unit", "old_code", "new_code", "new_name", "new_parent_code", "status")
@@ -82,16 +83,7 @@ def load_structure(path: Path, config: Config) -> Structure:
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".toml"):
         raise StructureError(f"{path}: a unit mapping file is a .csv or a .toml file")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise StructureError(f"{path}: cannot read the unit mapping file: {exc.strerror}") from exc
-    try:
-        # utf-8-sig: Excel saves CSV with a byte order mark; it is not part of the first column name.
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise StructureError(f"{path}, line {line}: the file is not valid UTF-8") from exc
+    text = read_utf8(path, "unit mapping file", StructureError)
     units, maps = (_read_toml if suffix == ".toml" else _read_csv)(str(path), text, config)
     return _build(units, maps, config)
 
