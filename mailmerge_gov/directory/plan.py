@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,6 +93,19 @@ def inputs_digest(config: Config, source_digests: dict[str, str]) -> str:
 
 def make_plan(config: Config, store: Store) -> Plan:
     """Make a new plan from the sources and store it; earlier decisions and applies are honoured."""
+    # A plan builds millions of small objects that all live until it ends: the cyclic garbage
+    # collector would walk them again and again for nothing (12 of 52 s at 100,000 officials).
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        return _make_plan(config, store)
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _make_plan(config: Config, store: Store) -> Plan:
+    """make_plan without the garbage collector's pause."""
     if config.directory.structure is None:
         raise PlanError(f"{config.path}: [directory] structure is not set: name the unit mapping file "
                         "(mailmerge-gov directory draft-structure drafts one)")
