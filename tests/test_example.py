@@ -252,7 +252,7 @@ def test_structure_file() -> None:
 
 
 def test_ward_table_matches_vietnam_provinces() -> None:
-    vp = pytest.importorskip("vietnam_provinces")
+    import vietnam_provinces as vp  # a runtime dependency: a missing one must fail, not skip
     from vietnam_provinces._ward_conversion_2025 import OLD_TO_NEW
     from vietnam_provinces.legacy import Ward as LegacyWard
 
