@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from mailmerge_gov.directory.model import SourceRecord
+from mailmerge_gov.directory.model import Issue, SourceRecord
 
 # Only this module speaks SQL. Statements stay portable (no SQLite-only syntax in the data
 # statements) so that a PostgreSQL store can be added as a second backend behind the same
@@ -478,11 +478,11 @@ class Store:
         rows = self.db.execute("SELECT data_json FROM plan_people WHERE plan_id = ? ORDER BY identity_id", (plan_id,))
         return [_from_json(row[0]) for row in rows]
 
-    def plan_issues(self, plan_id: int) -> list[IssueRow]:
+    def plan_issues(self, plan_id: int) -> list[Issue]:
         """Return the review items of a plan in the order they were found."""
         rows = self.db.execute(
             "SELECT kind, subject, blocking, detail_json FROM plan_issues WHERE plan_id = ? ORDER BY seq", (plan_id,))
-        return [IssueRow(kind, subject, bool(blocking), _from_json(detail)) for kind, subject, blocking, detail in rows]
+        return [Issue(kind, subject, bool(blocking), _from_json(detail)) for kind, subject, blocking, detail in rows]
 
     def sign_off(self, subject: str, note: str | None = None, actor: str | None = None) -> None:
         """Record a person's explicit approval of a subject (e.g. a privileged membership)."""
@@ -659,16 +659,6 @@ class PlanRow:
     actor: str
     sources_digest: str
     summary: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class IssueRow:
-    """One thing a person must look at before apply."""
-
-    kind: str
-    subject: str
-    blocking: bool
-    detail: dict[str, Any]
 
 
 def _now() -> str:

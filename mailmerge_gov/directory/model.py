@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 # Attributes as read from a source, in a stable order: ((name, (value, ...)), ...).
 RawAttributes = tuple[tuple[str, tuple[str, ...]], ...]
@@ -113,3 +114,13 @@ class PlannedPerson:
     old_units: tuple[tuple[str, str, str | None], ...] = ()  # (source, old unit, old code)
     groups: tuple[str, ...] = field(default_factory=tuple)  # refs of source groups the person is in
     mailboxes: tuple[tuple[str, str], ...] = ()  # (source, primary address) of each record: its mailbox
+
+
+@dataclass(frozen=True)
+class Issue:
+    """Something a person must look at in a plan; blocking ones stop apply until resolved."""
+
+    kind: str
+    subject: str
+    blocking: bool
+    detail: dict[str, Any]

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 from mailmerge_gov.config import Config
 from mailmerge_gov.directory.addressing import Assignment, Candidate, assign_addresses, held_addresses
 from mailmerge_gov.directory.identity import Resolution, exact_keys, is_role, resolve_identities
-from mailmerge_gov.directory.model import Alias, PlannedPerson, SourceRecord, Structure
+from mailmerge_gov.directory.model import Alias, Issue, PlannedPerson, SourceRecord, Structure
 from mailmerge_gov.directory.sources import read_source
 from mailmerge_gov.directory.structure import load_structure, map_unit
 from mailmerge_gov.store import AddressRow, Store
@@ -21,16 +21,6 @@ from mailmerge_gov.vietnamese import split_name
 
 class PlanError(Exception):
     """A plan cannot be made; the message says what to fix."""
-
-
-@dataclass(frozen=True)
-class Issue:
-    """Something a person must look at; blocking ones stop apply until resolved."""
-
-    kind: str
-    subject: str
-    blocking: bool
-    detail: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -351,7 +341,7 @@ def load_plan(config: Config, store: Store, plan_id: int | None = None) -> Plan:
     if config.directory.structure is None:
         raise PlanError(f"{config.path}: [directory] structure is not set")
     people = tuple(person_from_json(data) for data in store.plan_people(header.id))
-    issues = tuple(Issue(i.kind, i.subject, i.blocking, i.detail) for i in store.plan_issues(header.id))
+    issues = tuple(store.plan_issues(header.id))
     groups = tuple(r for r in store.source_records() if r.kind == "group")
     return Plan(header.id, header.sources_digest, people, issues, header.summary,
                 load_structure(config.directory.structure, config), groups)
