@@ -42,6 +42,12 @@ def config_option(function):  # type: ignore[no-untyped-def]
     )(function)
 
 
+def output_option(function):  # type: ignore[no-untyped-def]
+    """Add the -o/--output option of the commands that write a file or standard output."""
+    return click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                        help="Write here instead of standard output.")(function)
+
+
 def read_config(path: Path) -> Config:
     """Load the configuration, turning its errors into messages for the command line."""
     try:
@@ -312,8 +318,7 @@ def _write_or_echo(text: str, output: Path | None, what: str) -> None:
 
 @directory.command("export-map")
 @config_option
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write here instead of standard output.")
+@output_option
 def directory_export_map(config_path: Path, output: Path | None) -> None:
     """Export the address map of the newest plan (old_address,new_address,valid_until): the relay's input."""
     config = read_config(config_path)
@@ -325,8 +330,7 @@ def directory_export_map(config_path: Path, output: Path | None) -> None:
 @directory.command("export")
 @config_option
 @click.option("--format", "fmt", type=click.Choice(["ldif", "csv", "vcard"]), required=True)
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write here instead of standard output.")
+@output_option
 def directory_export(config_path: Path, fmt: str, output: Path | None) -> None:
     """Export the new directory of the newest plan as LDIF, CSV or vCards."""
     config = read_config(config_path)
@@ -352,8 +356,7 @@ def mailbox() -> None:
 
 @mailbox.command("jobs")
 @config_option
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write here instead of standard output.")
+@output_option
 def mailbox_jobs_command(config_path: Path, output: Path | None) -> None:
     """List the mailbox jobs of the newest plan (source,source_mailbox,target_mailbox,identity)."""
     config = read_config(config_path)
