@@ -358,6 +358,23 @@ index     mailLocalAddress,mailRoutingAddress eq
         conn.unbind()
         return True
 
+    def lock_subtree(self, subtree: str, writer_dn: str) -> None:
+        """Through cn=config, let writer_dn write everywhere in the first database except under subtree (read-only).
+
+        Tests use it to make a real server refuse a write half way through an apply.
+        """
+        import ldap3
+
+        config = ldap3.Connection(ldap3.Server(self.url), self.config_dn, self.admin_password, auto_bind=True)
+        try:
+            done = config.modify("olcDatabase={1}mdb,cn=config", {"olcAccess": [(ldap3.MODIFY_ADD, [
+                f'{{0}}to dn.subtree="{subtree}" by * read',
+                f'{{1}}to * by dn.exact="{writer_dn}" write by * read'])]})
+            if not done:
+                raise ServerStartError(f"slapd refused the ACL change: {config.result}")
+        finally:
+            config.unbind()
+
     def add_ldif(self, text: str) -> None:
         """Add the entries of an LDIF text with the real ldapadd, each suffix bound as its own rootdn."""
         ldapadd = require_program("ldapadd", "slapd and ldap-utils")

@@ -491,10 +491,7 @@ def test_server_refusal_stops_at_once_and_rollback_undoes_what_was_written(tmp_p
     # A second slapd whose ACL lets the applier write everywhere but under ou=79002 (another team's unit).
     server = started(SlapdServer([NEW_SUFFIX], seed_ldif=LOCKED_SEED, schemas=(PROJECT_SCHEMA,)))
     try:
-        config = ldap3.Connection(ldap3.Server(server.url), server.config_dn, server.admin_password, auto_bind=True)
-        assert config.modify("olcDatabase={1}mdb,cn=config", {"olcAccess": [(ldap3.MODIFY_ADD, [
-            f'{{0}}to dn.subtree="ou=79002,ou=units,{NEW_SUFFIX}" by * read',
-            f'{{1}}to * by dn.exact="{APPLIER}" write by * read'])]}), config.result
+        server.lock_subtree(f"ou=79002,ou=units,{NEW_SUFFIX}", APPLIER)
         password = tmp_path / "applier.pw"
         password.write_text("applier-secret")
         target = ldap_target(server, NEW_SUFFIX, bind_dn=APPLIER, password_file=password)

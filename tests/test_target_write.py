@@ -184,10 +184,7 @@ def test_a_refusal_inside_a_batch_stops_right_there(tmp_path) -> None:
             f"dn: ou=locked,{NEW_SUFFIX}\nobjectClass: organizationalUnit\nou: locked\n")
     server = started(SlapdServer([NEW_SUFFIX], seed_ldif=seed, schemas=(PROJECT_SCHEMA,)))
     try:
-        config = ldap3.Connection(ldap3.Server(server.url), server.config_dn, server.admin_password, auto_bind=True)
-        assert config.modify("olcDatabase={1}mdb,cn=config", {"olcAccess": [(ldap3.MODIFY_ADD, [
-            f'{{0}}to dn.subtree="ou=locked,{NEW_SUFFIX}" by * read',
-            f'{{1}}to * by dn.exact="{LOCKED_APPLIER}" write by * read'])]}), config.result
+        server.lock_subtree(f"ou=locked,{NEW_SUFFIX}", LOCKED_APPLIER)
         password = tmp_path / "applier.pw"
         password.write_text("applier-secret")
         target = target_of(server, NEW_SUFFIX, bind_dn=LOCKED_APPLIER, password_file=password)
