@@ -171,8 +171,11 @@ def directory_review(config_path: Path, same: int | None, different: int | None)
                              record.mail or "", record.title or ""]
                     click.echo(f"     {ref}")
                     click.echo(f"       {' | '.join(f for f in facts if f)}")
-        click.echo(f"{len(open_)} open suggestions of plan {plan.id}. "
-                   "Decide with: mailmerge-gov directory review --same N | --different N")
+        if open_:
+            click.echo(f"{len(open_)} open suggestion{'s' if len(open_) > 1 else ''} of plan {plan.id}. "
+                       "Decide with: mailmerge-gov directory review --same N | --different N")
+        else:
+            click.echo(f"plan {plan.id} has no open suggestions")
 
 
 @directory.command("access-review")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass
@@ -60,6 +61,9 @@ def _build_fold_table() -> dict[int, str | None]:
 _FOLD_TABLE = _build_fold_table()
 
 
+# Names, titles and unit names repeat thousands of times in a directory of 100,000 officials (there
+# are only so many Nguyễn Văn An and Chuyên viên): fold and split_name remember recent answers.
+@functools.lru_cache(maxsize=1 << 16)
 def fold(text: str) -> str:
     """Return text as a matching key: no Vietnamese marks, đ as d, casefolded, one-spaced."""
     if text.isascii():
@@ -178,6 +182,7 @@ def _restore_case(name: str) -> str:
     return _CAPITAL_AT.sub(lambda m: m.group(1).upper(), name.lower())
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def split_name(full_name: str) -> NameParts:
     """Split a Vietnamese name written family-first into family, middle and given name."""
     name = _normalise_name(full_name)

@@ -14,7 +14,12 @@ def person(source: str, uid: str, name: str, **fields) -> SourceRecord:
 
 def resolve(records, links=None, decisions=None, start=1):
     counter = itertools.count(start)
-    return resolve_identities(records, links or {}, decisions or {}, ("vanthu",), lambda: next(counter))
+    return resolve_identities(records, links or {}, decisions or {}, ("vanthu",), lambda: next(counter),
+                              new_unit=lambda record: NEW_UNITS.get(record.unit))
+
+
+# Old units and the new unit each maps to, as the plan's mapping file would say.
+NEW_UNITS = {"Sở Y tế tỉnh Bình Dương": "79.SYT", "Sở Y tế": "79.SYT", "Sở Xây dựng": "79.SXD"}
 
 
 def grouped(resolution) -> list[list[str]]:
@@ -58,13 +63,30 @@ def test_name_and_birth_date_is_only_a_suggestion() -> None:
     ("a", "b", "reason"),
     [
         ({"phones": ("0274 3822 111",)}, {"mobiles": ("+84 274 3822 111",)}, "same name and phone number"),
-        ({"title": "Chuyên viên"}, {"title": "chuyen vien"}, "same name and title, in different sources"),
-        ({"title": "Chuyên viên"}, {"title": "Phó Giám đốc"}, None),
+        ({"title": "Chuyên viên", "unit": "Sở Y tế tỉnh Bình Dương"}, {"title": "chuyen vien", "unit": "Sở Y tế"},
+         "same name, title and new unit, in different sources"),
+        ({"title": "Chuyên viên", "unit": "Sở Y tế tỉnh Bình Dương"}, {"title": "Chuyên viên", "unit": "Sở Xây dựng"},
+         None),
+        ({"title": "Chuyên viên", "unit": "Sở Y tế tỉnh Bình Dương"}, {"title": "Chuyên viên", "unit": "Phòng Khác"},
+         None),
+        ({"title": "Chuyên viên"}, {"title": "Chuyên viên"}, None),
+        ({"title": "Chuyên viên", "unit": "Sở Y tế"}, {"title": "Phó Giám đốc", "unit": "Sở Y tế"}, None),
     ],
 )
 def test_suggestion_reasons(a, b, reason) -> None:
     resolution = resolve([person("binhduong", "x", "Lê Văn Tám", **a), person("hcm", "y", "Lê Văn Tám", **b)])
     assert [s.reason for s in resolution.suggestions] == ([reason] if reason else [])
+
+
+def test_a_title_held_twice_in_one_source_is_no_hint() -> None:
+    health = {"title": "Chuyên viên", "unit": "Sở Y tế"}
+    records = [person("binhduong", "x", "Lê Văn Tám", **{**health, "unit": "Sở Y tế tỉnh Bình Dương"}),
+               person("hcm", "y", "Lê Văn Tám", **health), person("hcm", "z", "Lê Văn Tám", **health)]
+    assert resolve(records).suggestions == ()
+    # two records of one official in a source are one holder
+    records[2] = person("hcm", "z", "Lê Văn Tám", **health, aliases=("y@hcm.gov.vn",))
+    records[1] = person("hcm", "y", "Lê Văn Tám", **health, mail="y@hcm.gov.vn")
+    assert [s.reason for s in resolve(records).suggestions] == ["same name, title and new unit, in different sources"]
 
 
 def test_decisions_are_honoured() -> None:

@@ -29,9 +29,9 @@ def test_summary_of_the_example(planned) -> None:
     assert plan.summary == {
         "sources": {"hcm": 307, "binhduong": 256, "baria-vungtau": 225}, "identities": 779, "carried_over": 760,
         "kept_addresses": 298, "new_addresses": 462, "aliases": 913, "disabled": 19, "roles": 10, "units": 32,
-        "issues": {"suggestion": 23, "conflict": 0, "unit-needs-review": 7, "unit-unmapped": 0, "no-unit": 6,
+        "issues": {"suggestion": 1, "conflict": 0, "unit-needs-review": 7, "unit-unmapped": 0, "no-unit": 6,
                    "disabled": 19, "role": 10, "collision": 142, "source-warning": 5},
-        "blocking": 30, "transition_ends": "2027-06-30",
+        "blocking": 8, "transition_ends": "2027-06-30",
     }
 
 
@@ -92,6 +92,7 @@ def test_report_files(planned) -> None:
     html = files.html.read_text(encoding="utf-8")
     assert "<h1>Kế hoạch hợp nhất danh bạ #1 <span class=\"en\">Directory consolidation plan</span></h1>" in html
     assert "<td>hattt@hcm.gov.vn</td>" in html
+    assert "<td>annv@hcm.gov.vn</td>" not in html  # kept: counted on the page, listed in the CSV
     with files.people_csv.open(encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 779
@@ -99,7 +100,7 @@ def test_report_files(planned) -> None:
     assert (ha["address"], ha["unit_name"], ha["kept"]) == ("hattt@hcm.gov.vn", "Sở Tư pháp", "no")
     with files.issues_csv.open(encoding="utf-8") as handle:
         issues = list(csv.DictReader(handle))
-    assert sum(r["blocking"] == "yes" for r in issues) == 30
+    assert sum(r["blocking"] == "yes" for r in issues) == 8
 
 
 def test_an_applied_address_stays_with_its_official_when_the_entry_moves(planned, example_copy: Path) -> None:
@@ -130,3 +131,15 @@ def _unfolded_dn_block(text: str, encoded: str) -> str:
             break
         lines.append(line)
     return "\n".join(lines) + "\n"
+
+
+def test_the_page_samples_the_items_that_do_not_block(planned) -> None:
+    config, store, plan = planned
+    files = write_report(plan, config, config.state_file.parent / "reports", "2026-11-27", "tester", shown_per_kind=2)
+    html = files.html.read_text(encoding="utf-8")
+    collisions = html.split("<h3>Address taken: a later pattern or a number was used (142)</h3>\n")[1]
+    assert collisions.split("</table>")[0].count("<tr>") == 3  # the header and two items
+    assert collisions.startswith("<p>2 mục đầu tiên; tất cả trong <code>plan-1-issues.csv</code>")
+    needs_review = html.split("<h3>Old unit marked &#39;needs review&#39; in the mapping file (7) <span class="
+                              "\"blocking\">— chặn áp dụng / blocks apply</span></h3>\n")[1].split("</table>")[0]
+    assert needs_review.count("<tr>") == 8  # blocking items are all listed

@@ -88,11 +88,14 @@ class _Groups:
 def resolve_identities(records: Sequence[SourceRecord], links: Mapping[str, int],
                        decisions: Mapping[tuple[str, str], str], reserved: Iterable[str],
                        new_id: Callable[[], int], source_order: Sequence[str] = (),
-                       known_keys: Mapping[str, int] | None = None) -> Resolution:
+                       known_keys: Mapping[str, int] | None = None,
+                       new_unit: Callable[[SourceRecord], str | None] | None = None) -> Resolution:
     """Group person records into identities, keeping the ids earlier runs gave them.
 
     New identities are numbered in source order (the config's order of [[sources]]), then by
     DN, so the surviving unit's officials come first and ids do not depend on source names.
+    `new_unit` gives the code of the new unit a record's old unit maps to (None: none); without
+    it, titles are never a hint.
     """
     people = sorted((r for r in records if r.kind == "person"), key=lambda r: r.ref)
     groups = _Groups(r.ref for r in people)
@@ -127,7 +130,7 @@ def resolve_identities(records: Sequence[SourceRecord], links: Mapping[str, int]
     # A "different" decision is about two officials, not two records: it silences every
     # suggestion between the identities those records ended up in.
     apart = {frozenset((groups.find(a), groups.find(b))) for a, b in different if a in known and b in known}
-    suggestions = _suggest(people, groups, decisions, reserved, apart)
+    suggestions = _suggest(people, groups, decisions, reserved, apart, new_unit or (lambda record: None))
     return Resolution(identities=identities, suggestions=suggestions, conflicts=conflicts)
 
 
@@ -166,12 +169,23 @@ def _phone_digits(phone: str) -> str:
 
 
 def _suggest(people: Sequence[SourceRecord], groups: _Groups, decisions: Mapping[tuple[str, str], str],
-             reserved: tuple[str, ...], apart: set[frozenset[str]]) -> tuple[Suggestion, ...]:
+             reserved: tuple[str, ...], apart: set[frozenset[str]],
+             new_unit: Callable[[SourceRecord], str | None]) -> tuple[Suggestion, ...]:
     """Pair records of different identities that share a folded name and one more fact."""
     by_name: dict[str, list[_Facts]] = defaultdict(list)
     for record in people:
         if not is_role(record, reserved):
-            by_name[fold(record.full_name)].append(_facts(record, groups))
+            by_name[fold(record.full_name)].append(_facts(record, groups, new_unit(record)))
+    # A title is a hint only when it singles an official out: "Nguyễn Văn An, Chuyên viên" of Sở Y tế
+    # is a hint when each source has one such official, none when a source has three (and at
+    # 100,000 officials the common names and titles made 260,000 suggestions no one could decide).
+    holders: dict[tuple[str, str, str, str], set[str]] = defaultdict(set)
+    for name, candidates in by_name.items():
+        for facts in candidates:
+            if facts.title is not None and facts.unit is not None:
+                holders[(facts.source, name, facts.title, facts.unit)].add(facts.root)
+    singled_out = {(source, name, title, unit) for (source, name, title, unit), roots in holders.items()
+                   if len(roots) == 1}
     found: dict[tuple[str, str], Suggestion] = {}
     # Every pair of records with one folded name is compared: at 100,000 officials that is millions of
     # pairs (Nguyễn Văn An is common), so what a comparison needs is worked out once per record (_Facts),
@@ -184,7 +198,7 @@ def _suggest(people: Sequence[SourceRecord], groups: _Groups, decisions: Mapping
                     continue
                 if decisions and tuple(sorted((first.ref, second.ref))) in decisions:
                     continue
-                reason = _shared_fact(first, second)
+                reason = _shared_fact(first, second, name, singled_out)
                 if reason:
                     pair = sorted((first.ref, second.ref))
                     roots = (first.root, second.root) if first.root < second.root else (second.root, first.root)
@@ -203,22 +217,27 @@ class _Facts:
     birth_date: str | None
     phones: frozenset[str]  # last nine digits of every phone and mobile, "" left out
     title: str | None  # folded; None when the record has none (a title of spaces folds to "" and counts)
+    unit: str | None  # code of the new unit its old unit maps to; None when it maps to none
 
 
-def _facts(record: SourceRecord, groups: _Groups) -> _Facts:
+def _facts(record: SourceRecord, groups: _Groups, unit: str | None) -> _Facts:
     """Collect the facts of one record that suggestions compare."""
     phones = frozenset(_phone_digits(p) for p in record.phones + record.mobiles if p) - {""}
     return _Facts(record.ref, groups.find(record.ref), record.source, record.birth_date, phones,
-                  fold(record.title) if record.title else None)
+                  fold(record.title) if record.title else None, unit)
 
 
-def _shared_fact(a: _Facts, b: _Facts) -> str | None:
+def _shared_fact(a: _Facts, b: _Facts, name: str, singled_out: set[tuple[str, str, str, str]]) -> str | None:
     """Say which fact besides the name two records share, if any."""
     if a.birth_date and a.birth_date == b.birth_date:
         return "same name and date of birth"
     if a.phones & b.phones:
         return "same name and phone number"
-    # A title is shared by many; only across sources (an official who moved) is it a hint.
-    if a.source != b.source and a.title is not None and b.title is not None and a.title == b.title:
-        return "same name and title, in different sources"
+    # A title is shared by many; only across sources (an official listed by both merged agencies)
+    # in the same new unit, and only when each source has one official of that name, title and
+    # unit, is it a hint.
+    if (a.source != b.source and a.title is not None and a.title == b.title and a.unit is not None
+            and a.unit == b.unit and (a.source, name, a.title, a.unit) in singled_out
+            and (b.source, name, b.title, b.unit) in singled_out):
+        return "same name, title and new unit, in different sources"
     return None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 # Attributes as read from a source, in a stable order: ((name, (value, ...)), ...).
@@ -33,12 +34,14 @@ class SourceRecord:
     line: int | None = None  # line of the file it was read from, for messages
     raw: RawAttributes = ()  # every attribute as read, kept as history
 
-    @property
+    # Worked out once per record (a plan asks a record for them a dozen times); cached_property
+    # writes the instance's __dict__ directly, which a frozen dataclass allows.
+    @cached_property
     def ref(self) -> str:
         """A key naming this record across all sources: "<source>:<dn>"."""
         return f"{self.source}:{self.dn}"
 
-    @property
+    @cached_property
     def addresses(self) -> tuple[str, ...]:
         """Every address of the record: primary first, then aliases."""
         return ((self.mail,) if self.mail else ()) + self.aliases

@@ -7,14 +7,14 @@ import io
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import jinja2
 
 from mailmerge_gov.config import Config
 from mailmerge_gov.directory.access import Membership, group_codes
-from mailmerge_gov.directory.model import NewUnit, Structure
-from mailmerge_gov.directory.plan import ISSUE_KINDS, Plan
+from mailmerge_gov.directory.model import Issue, NewUnit, Structure
+from mailmerge_gov.directory.plan import ISSUE_KINDS, Plan, collector_paused
 
 _ENV = jinja2.Environment(loader=jinja2.PackageLoader("mailmerge_gov", "templates"),
                           autoescape=jinja2.select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True)
@@ -27,6 +27,17 @@ class TreeNode:
     unit: NewUnit
     members: int
     children: tuple[TreeNode, ...]
+
+
+@dataclass(frozen=True)
+class IssueSection:
+    """The review items of one kind as the page lists them: all when they block apply, else a sample."""
+
+    kind: str
+    title: str
+    count: int
+    blocking: bool
+    rows: tuple[tuple[str, str], ...]  # (subject, detail)
 
 
 @dataclass(frozen=True)
@@ -53,19 +64,41 @@ def unit_tree(structure: Structure, counts: dict[str, int], exclude: set[str] = 
     return tuple(build(unit) for unit in sorted(children[None], key=lambda u: u.code))
 
 
+# How many items of a non-blocking kind the HTML page shows; the CSV has them all. At 100,000
+# officials there are tens of thousands of collisions: a page of them helps nobody, a sample does.
+SHOWN_PER_KIND = 200
+# How many values of a list the detail of an issue names ("records" of an old unit may run into
+# thousands: a cell that size breaks spreadsheets and csv readers' field limit).
+LISTED_VALUES = 50
+
+
 def people_csv(plan: Plan) -> str:
-    """One row per identity: who, where, which address, which old ones, from which records."""
+    """One row per identity: who, where, which address, which old ones, from which records and units."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["identity", "full_name", "kind", "status", "unit_code", "unit_name", "address", "kept",
-                     "old_addresses", "records"])
+                     "old_addresses", "records", "old_units"])
     names = {unit.code: unit.name for unit in plan.structure.units}
     for person in plan.people:
         writer.writerow([person.identity, person.full_name, person.kind, "disabled" if person.disabled else "active",
                          person.unit_code or "", names.get(person.unit_code or "", ""), person.address,
                          "yes" if person.kept else "no", " ".join(a.address for a in person.aliases),
-                         " ".join(person.records)])
+                         " ".join(person.records),
+                         " | ".join(f"{source}: {unit}" for source, unit, _ in person.old_units if unit)])
     return out.getvalue()
+
+
+def issue_detail(issue: Issue) -> str:
+    """The detail of an issue as one line of text; long lists name their first values and their count."""
+    def value(item: Any) -> str:
+        if isinstance(item, str):
+            return item
+        if isinstance(item, (list, tuple)):
+            shown = ", ".join(map(str, item[:LISTED_VALUES]))
+            return shown if len(item) <= LISTED_VALUES else f"{shown} … ({len(item)} in all)"
+        return str(item)
+
+    return "; ".join(f"{key}: {value(item)}" for key, item in issue.detail.items())
 
 
 def issues_csv(plan: Plan) -> str:
@@ -74,30 +107,44 @@ def issues_csv(plan: Plan) -> str:
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["kind", "blocking", "subject", "detail"])
     for issue in plan.issues:
-        detail = "; ".join(f"{k}: {v if isinstance(v, str) else ', '.join(map(str, v)) if isinstance(v, list) else v}"
-                           for k, v in issue.detail.items())
-        writer.writerow([issue.kind, "yes" if issue.blocking else "no", issue.subject, detail])
+        writer.writerow([issue.kind, "yes" if issue.blocking else "no", issue.subject, issue_detail(issue)])
     return out.getvalue()
 
 
-def write_report(plan: Plan, config: Config, folder: Path, created_at: str, actor: str) -> ReportFiles:
+def write_report(plan: Plan, config: Config, folder: Path, created_at: str, actor: str,
+                 shown_per_kind: int = SHOWN_PER_KIND) -> ReportFiles:
     """Write the HTML page and the two CSV files of a plan into folder."""
+    with collector_paused():
+        return _write_report(plan, config, folder, created_at, actor, shown_per_kind)
+
+
+def _write_report(plan: Plan, config: Config, folder: Path, created_at: str, actor: str,
+                  shown_per_kind: int) -> ReportFiles:
+    """write_report without the garbage collector's pause."""
+    files = ReportFiles(folder / f"plan-{plan.id}.html", folder / f"plan-{plan.id}-people.csv",
+                        folder / f"plan-{plan.id}-issues.csv")
     counts: dict[str, int] = defaultdict(int)
     for person in plan.people:
         if not person.disabled and person.unit_code:
             counts[person.unit_code] += 1
-    issues_by_kind: dict[str, list] = defaultdict(list)
+    issues_by_kind: dict[str, list[Issue]] = defaultdict(list)
     for issue in plan.issues:
         issues_by_kind[issue.kind].append(issue)
+    sections = [IssueSection(kind, title, len(items), items[0].blocking,
+                             tuple((issue.subject, issue_detail(issue))
+                                   for issue in (items if items[0].blocking else items[:shown_per_kind])))
+                for kind, title in ISSUE_KINDS.items() if (items := issues_by_kind.get(kind))]
+    names = {unit.code: unit.name for unit in plan.structure.units}
+    # Every changed address (the reviewer's work); the kept ones are only counted, and are in the CSV.
+    # Plain tuples of strings: the page of a 100,000-official plan has some 65,000 of these rows.
+    changed = [(p.full_name, p.kind == "role", names.get(p.unit_code or "", "—"), p.address,
+                ", ".join(a.address for a in p.aliases), ", ".join(p.records))
+               for p in plan.people if not p.disabled and not p.kept]
     html = _ENV.get_template("plan.html").render(
-        plan=plan, config=config, summary=plan.summary, created_at=created_at, actor=actor,
-        issue_kinds=ISSUE_KINDS, issues_by_kind=issues_by_kind,
+        plan=plan, config=config, summary=plan.summary, created_at=created_at, actor=actor, sections=sections,
+        files=files, changed=changed,
         tree_roots=unit_tree(plan.structure, counts, exclude=set(group_codes(plan.groups, plan.structure))),
-        people=[p for p in plan.people if not p.disabled],
-        unit_names={unit.code: unit.name for unit in plan.structure.units},
     )
-    files = ReportFiles(folder / f"plan-{plan.id}.html", folder / f"plan-{plan.id}-people.csv",
-                        folder / f"plan-{plan.id}-issues.csv")
     _write_files(folder, ((files.html, html), (files.people_csv, people_csv(plan)), (files.issues_csv, issues_csv(plan))))
     return files
 
