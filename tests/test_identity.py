@@ -2,10 +2,13 @@
 
 import itertools
 
+import hypothesis
+import hypothesis.strategies as st
 import pytest
 
 from mailmerge_gov.directory.identity import Suggestion, exact_keys, is_role, resolve_identities
 from mailmerge_gov.directory.model import SourceRecord
+from mailmerge_gov.vietnamese import fold
 
 
 def person(source: str, uid: str, name: str, **fields) -> SourceRecord:
@@ -181,3 +184,42 @@ def test_a_merged_identity_is_numbered_by_its_first_record_in_source_order() -> 
                                     source_order=("hcm", "binhduong", "baria-vungtau"))
     assert {r.full_name: i for i, rs in resolution.identities.items() for r in rs} == {
         "Trần Thị Thu Hà": 1, "Lê Văn Tám": 2}
+
+
+def _every_pair(records) -> set[tuple[str, str, str]]:
+    """The suggestions by comparing each record with each (what the buckets must find), one per pair of officials."""
+    resolution = resolve(records)
+    root = {r.ref: identity for identity, rs in resolution.identities.items() for r in rs}
+    found = {}
+    for first, second in itertools.combinations(sorted(records, key=lambda r: r.ref), 2):
+        a, b = sorted((root[first.ref], root[second.ref]))
+        if a == b or fold(first.full_name) != fold(second.full_name):
+            continue
+        phones = {p[-9:] for p in first.phones} & {p[-9:] for p in second.phones}
+        holders = lambda r: sum(fold(o.full_name) == fold(r.full_name) and o.title == r.title and o.source == r.source
+                                and NEW_UNITS.get(o.unit) == NEW_UNITS.get(r.unit) for o in records)  # noqa: E731
+        if first.birth_date and first.birth_date == second.birth_date:
+            reason = "same name and date of birth"
+        elif phones:
+            reason = "same name and phone number"
+        elif (first.source != second.source and first.title and first.title == second.title
+              and NEW_UNITS.get(first.unit) and NEW_UNITS.get(first.unit) == NEW_UNITS.get(second.unit)
+              and holders(first) == 1 and holders(second) == 1):
+            reason = "same name, title and new unit, in different sources"
+        else:
+            continue
+        found.setdefault((a, b), (first.ref, second.ref, reason))
+    return set(found.values())
+
+
+@hypothesis.settings(max_examples=200, deadline=None)
+@hypothesis.given(st.lists(st.tuples(st.sampled_from(("hcm", "binhduong")), st.sampled_from(("Lê Văn Tám", "Lê Văn Tam", "Hồ Thị Lan")),
+                                     st.sampled_from((None, "1980-01-02", "1981-03-04")),
+                                     st.sampled_from(((), ("0912345678",), ("0912345678", "0987654321"))),
+                                     st.sampled_from((None, "Chuyên viên", "Kế toán")),
+                                     st.sampled_from((None, "Sở Y tế", "Sở Y tế tỉnh Bình Dương", "Sở Xây dựng"))),
+                           max_size=12))
+def test_suggestions_are_those_of_comparing_every_pair(rows) -> None:
+    records = [person(source, f"u{index}", name, birth_date=birth, phones=phones, title=title, unit=unit)
+               for index, (source, name, birth, phones, title, unit) in enumerate(rows)]
+    assert {(s.ref_a, s.ref_b, s.reason) for s in resolve(records).suggestions} == _every_pair(records)

@@ -121,3 +121,15 @@ def test_a_new_state_file_is_readable_by_its_owner_only(tmp_path: Path) -> None:
         store.audit("open", "state")
         assert oct((tmp_path / "state.sqlite-wal").stat().st_mode & 0o777) == "0o600"
     assert oct(path.stat().st_mode & 0o777) == "0o600"
+
+
+def test_records_stored_before_version_5_keep_their_line(tmp_path: Path) -> None:
+    path = tmp_path / "state.sqlite"
+    open_store(path, MIGRATIONS[:4]).close()
+    with sqlite3.connect(path) as db:
+        db.execute("INSERT INTO source_records (source, dn, kind, data_json) VALUES ('hcm', 'uid=an', 'person', ?)",
+                   ('{"source": "hcm", "dn": "uid=an", "kind": "person", "full_name": "Nguyễn Văn An", "line": 12}',))
+    db.close()
+    with open_store(path) as store:
+        [record] = store.source_records()
+    assert (record.dn, record.full_name, record.line) == ("uid=an", "Nguyễn Văn An", 12)

@@ -187,24 +187,41 @@ def _suggest(people: Sequence[SourceRecord], groups: _Groups, decisions: Mapping
     singled_out = {(source, name, title, unit) for (source, name, title, unit), roots in holders.items()
                    if len(roots) == 1}
     found: dict[tuple[str, str], Suggestion] = {}
-    # Every pair of records with one folded name is compared: at 100,000 officials that is millions of
-    # pairs (Nguyễn Văn An is common), so what a comparison needs is worked out once per record (_Facts),
-    # and the sorted pair is built only when it is needed.
     for name in sorted(by_name):
         candidates = by_name[name]
-        for index, first in enumerate(candidates):
-            for second in candidates[index + 1:]:
-                if first.root == second.root or (apart and frozenset((first.root, second.root)) in apart):
-                    continue
-                if decisions and tuple(sorted((first.ref, second.ref))) in decisions:
-                    continue
-                reason = _shared_fact(first, second, name, singled_out)
-                if reason:
-                    pair = sorted((first.ref, second.ref))
-                    roots = (first.root, second.root) if first.root < second.root else (second.root, first.root)
-                    # One suggestion per pair of identities is enough for a person to decide.
-                    found.setdefault(roots, Suggestion(pair[0], pair[1], reason))
+        for index, later in _sharing_pairs(name, candidates, singled_out):
+            first, second = candidates[index], candidates[later]
+            if first.root == second.root or (apart and frozenset((first.root, second.root)) in apart):
+                continue
+            if decisions and tuple(sorted((first.ref, second.ref))) in decisions:
+                continue
+            reason = _shared_fact(first, second, name, singled_out)
+            if reason:
+                pair = sorted((first.ref, second.ref))
+                roots = (first.root, second.root) if first.root < second.root else (second.root, first.root)
+                # One suggestion per pair of identities is enough for a person to decide.
+                found.setdefault(roots, Suggestion(pair[0], pair[1], reason))
     return tuple(sorted(found.values(), key=lambda s: (s.ref_a, s.ref_b)))
+
+
+def _sharing_pairs(name: str, candidates: Sequence[_Facts],
+                   singled_out: set[tuple[str, str, str, str]]) -> list[tuple[int, int]]:
+    """Return the pairs (i < j, in order) of records of one name that share a date of birth, phone or title."""
+    # Not every pair of the name: Nguyễn Văn An is hundreds of officials at 100,000, and comparing
+    # each with each was millions of comparisons. Records that share a fact meet in that fact's bucket;
+    # the pairs come out in the order the comparison of every pair would have met them.
+    buckets: dict[tuple[str, ...], list[int]] = defaultdict(list)
+    for index, facts in enumerate(candidates):
+        if facts.birth_date:
+            buckets[("birth", facts.birth_date)].append(index)
+        for phone in facts.phones:
+            buckets[("phone", phone)].append(index)
+        if facts.title is not None and facts.unit is not None and (
+                facts.source, name, facts.title, facts.unit) in singled_out:
+            buckets[("title", facts.title, facts.unit)].append(index)
+    pairs = {(members[i], later) for members in buckets.values() if len(members) > 1
+             for i in range(len(members)) for later in members[i + 1:]}
+    return sorted(pairs)
 
 
 @dataclass(frozen=True, slots=True)

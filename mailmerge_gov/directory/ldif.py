@@ -7,6 +7,7 @@ import binascii
 import re
 import sys
 from dataclasses import dataclass
+from itertools import chain
 from typing import IO, Iterable, Iterator
 
 # Why our own: ldap3's LDIF support only writes, and python-ldap's ldif module needs the C
@@ -20,6 +21,7 @@ _NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]*(?:;[A-Za-z0-9-]+)*|[0-9]+(?:\.[0-9]+)
 # RFC 2849 SAFE-STRING: no NUL, LF, CR; first char not space, ':' or '<'; ASCII only.
 _SAFE = re.compile(r"^(?:[\x01-\x09\x0b\x0c\x0e-\x1f\x21-\x39\x3b\x3d-\x7f][\x01-\x09\x0b\x0c\x0e-\x7f]*)?$")
 FOLD_WIDTH = 76
+_DECODED_SIZE = 32768  # base64 values read_ldif keeps decoded (of 256 characters at most): some 10 MB
 
 
 class LdifError(Exception):
@@ -48,18 +50,40 @@ class LdifEntry:
         return values[0] if values else None
 
 
-def _logical_lines(stream: Iterable[str], name: str) -> Iterator[tuple[int, str]]:
-    """Unfold continuation lines and drop comments; yield (line number, text); '' ends a record."""
-    # Nearly every line of an export stands alone: it is kept as it is, and only a line that continues gets a
-    # list to join (a list per line was a fifth of the time of reading two million lines).
+def read_ldif(stream: IO[str], name: str) -> Iterator[LdifEntry]:
+    """Parse content records from a text stream; raise LdifError naming the line on bad input."""
+    dn: str | None = None
+    dn_line = 0
+    attributes: dict[str, tuple[str, list[str]]] = {}  # lower-cased name -> (name as written, values)
+    seen_record = False
+    # An export of 100,000 officials has two million "name: value" lines with a few dozen distinct names. Each
+    # name is checked once and then shared (one string object for every "objectClass", not a million: some
+    # 100 MB less for the records that keep them). A line is cut at its first ": ": when what comes before is a
+    # known name ("cn") the rest is a plain value, and when it is a known name and a colon ("cn:") the rest is
+    # base64 - exactly what the regular expression would find, since a name holds neither ':' nor ' '. Every
+    # other line (no space after the colon, URLs, bad names, bad base64) takes the slower way below, the one
+    # that decides errors, so messages stay the same.
+    spaced: dict[str, tuple[str, str, bool]] = {}  # "cn" or "cn:" -> (shared spelling, lower-cased, base64)
+    names: dict[str, tuple[str, str] | None] = {}  # as written -> (shared spelling, lower-cased) or None: not plain
+    # Base64 values decoded, by their text: an AD or Zimbra export encodes every Vietnamese name, title and unit,
+    # and most of those 600,000 values repeat one seen before (decoding them was a fifth of the reading time;
+    # repeats now also share one string). Bounded, and emptied when full.
+    decoded: dict[str, str] = {}
+    # Logical lines are unfolded here, not in a generator of their own: a generator step (and a tuple) for each
+    # of two million lines was a tenth of a second spent on nothing. A line is handled once the next one shows
+    # it does not continue; the blank line added at the end handles the last one and ends the last record.
     pending: str | None = None  # the logical line being read
     folded: list[str] | None = None  # its parts, once a continuation line came
     start = 0
     in_comment = False
-    for number, raw in enumerate(stream, start=1):
+    lines = iter(stream)
+    head = next(lines, None)
+    if head is None:
+        return
+    if head.startswith("\ufeff"):
+        head = head[1:]
+    for number, raw in enumerate(chain((head,), lines, ("",)), start=1):
         line = raw.rstrip("\r\n")
-        if number == 1 and line.startswith("\ufeff"):
-            line = line[1:]
         first = line[:1]
         if first == " ":
             if in_comment:
@@ -72,80 +96,97 @@ def _logical_lines(stream: Iterable[str], name: str) -> Iterator[tuple[int, str]
             folded.append(line[1:])
             continue
         if pending is not None:
-            yield start, pending if folded is None else "".join(folded)
+            text = pending if folded is None else "".join(folded)
             pending = folded = None
+            value: str | None = None
+            key, separator, rest = text.partition(": ")
+            if separator:
+                known = spaced.get(key)
+                if known is None:
+                    known = _spaced_name(key)
+                    if known is not None:
+                        spaced[key] = known
+                if known is not None:
+                    key, lowered, encoded = known
+                    if not encoded:
+                        value = rest
+                    else:
+                        value = decoded.get(rest)
+                        if value is None:
+                            # what b64decode(validate=True) does, less its Python layers; strict mode also
+                            # refuses spaces around the value, which the slower way strips (or refuses: a
+                            # line break inside a line is no 'attribute: value' there)
+                            try:
+                                value = binascii.a2b_base64(rest, strict_mode=True).decode("utf-8")
+                            except ValueError:  # binascii.Error and UnicodeDecodeError too: decided below
+                                value = None
+                            else:
+                                # a DN comes once, a long text seldom twice; titles, units and names come again
+                                if lowered != "dn" and len(rest) <= 256:
+                                    if len(decoded) >= _DECODED_SIZE:
+                                        decoded.clear()
+                                    decoded[rest] = value
+            if value is None:
+                key, _, rest = text.partition(":")
+                plain = names.get(key, False)
+                if plain is False:
+                    plain = names[key] = (sys.intern(key), key.lower()) if _NAME.fullmatch(key) else None
+                if plain is not None and rest[:1] not in (":", "<"):
+                    key, lowered = plain
+                    value = rest[1:] if rest[:1].isspace() else rest  # the regex's \s?(.*)
+                else:
+                    match = _ATTR.match(text)
+                    if not match:
+                        raise LdifError(f"{name}, line {start}: expected 'attribute: value', found {text[:60]!r}")
+                    key, separator, rest = match.groups()
+                    lowered = key.lower()
+                    value = _value(name, start, separator, rest, key)
+            if value is not None:
+                if dn is None:
+                    if lowered == "version" and not seen_record:
+                        if value != "1":
+                            raise LdifError(f"{name}, line {start}: unsupported LDIF version {value!r} "
+                                            "(only 1 exists)")
+                        seen_record = True
+                    elif lowered != "dn":
+                        raise LdifError(f"{name}, line {start}: a record must start with 'dn:', found '{key}:'")
+                    else:
+                        dn, dn_line, seen_record = value, start, True
+                else:
+                    if lowered == "changetype":
+                        raise LdifError(f"{name}, line {start}: '{dn}' is a change record (changetype: {value}); "
+                                        "export the directory's content (ldapsearch / slapcat output), not changes")
+                    if lowered == "control":
+                        raise LdifError(f"{name}, line {start}: '{dn}' carries a control: that is a change record")
+                    found = attributes.get(lowered)
+                    if found is None:
+                        attributes[lowered] = (key, [value])
+                    else:
+                        found[1].append(value)
         in_comment = first == "#"
         if in_comment:
             continue
         if not line:
-            yield number, ""
-            continue
-        start = number
-        pending = line
-    if pending is not None:
-        yield start, pending if folded is None else "".join(folded)
-
-
-def read_ldif(stream: IO[str], name: str) -> Iterator[LdifEntry]:
-    """Parse content records from a text stream; raise LdifError naming the line on bad input."""
-    dn: str | None = None
-    dn_line = 0
-    attributes: dict[str, tuple[str, list[str]]] = {}  # lower-cased name -> (name as written, values)
-    seen_record = False
-    # An export of 100,000 officials has two million "name: value" lines with a few dozen distinct names. Each
-    # name is checked once and then shared (one string object for every "objectClass", not a million: some
-    # 100 MB less for the records that keep them); a plain value is cut off with partition, and only the other
-    # lines (base64, URLs, bad names) go through the regular expression. The result is the same.
-    names: dict[str, tuple[str, str] | None] = {}  # as written -> (shared spelling, lower-cased) or None: not plain
-    for number, line in _logical_lines(stream, name):
-        if line == "":
             if dn is not None:
                 yield _entry(dn, attributes, dn_line)
                 dn, attributes = None, {}
             continue
-        key, _, rest = line.partition(":")
-        known = names.get(key, False)
-        if known is False:
-            known = names[key] = (sys.intern(key), key.lower()) if _NAME.fullmatch(key) else None
-        if known is not None and rest[:1] not in (":", "<"):
-            key, lowered = known
-            value: str | None = rest[1:] if rest[:1].isspace() else rest  # the regex's \s?(.*)
-        else:
-            match = _ATTR.match(line)
-            if not match:
-                raise LdifError(f"{name}, line {number}: expected 'attribute: value', found {line[:60]!r}")
-            key, separator, text = match.groups()
-            lowered = key.lower()
-            value = _value(name, number, separator, text, key)
-            if value is None:
-                continue
-        if dn is None:
-            if lowered == "version" and not seen_record:
-                if value != "1":
-                    raise LdifError(f"{name}, line {number}: unsupported LDIF version {value!r} (only 1 exists)")
-                seen_record = True
-                continue
-            if lowered != "dn":
-                raise LdifError(f"{name}, line {number}: a record must start with 'dn:', found '{key}:'")
-            dn, dn_line, seen_record = value, number, True
-            continue
-        if lowered == "changetype":
-            raise LdifError(f"{name}, line {number}: '{dn}' is a change record (changetype: {value}); "
-                            "export the directory's content (ldapsearch / slapcat output), not changes")
-        if lowered == "control":
-            raise LdifError(f"{name}, line {number}: '{dn}' carries a control: that is a change record")
-        found = attributes.get(lowered)
-        if found is None:
-            attributes[lowered] = (key, [value])
-        else:
-            found[1].append(value)
-    if dn is not None:
-        yield _entry(dn, attributes, dn_line)
+        start = number
+        pending = line
+
+
+def _spaced_name(key: str) -> tuple[str, str, bool] | None:
+    """Tell what comes before a line's first ': ': a name (plain value), a name and ':' (base64), or neither."""
+    encoded = key.endswith(":")
+    bare = key[:-1] if encoded else key
+    if not _NAME.fullmatch(bare):
+        return None
+    return sys.intern(bare), bare.lower(), encoded
 
 
 def _entry(dn: str, attributes: dict[str, tuple[str, list[str]]], line: int) -> LdifEntry:
     """Freeze a parsed record (attributes in the order they first appear)."""
-    return LdifEntry(dn=dn, attributes=tuple((k, tuple(v)) for k, v in attributes.values()), line=line)
+    return LdifEntry(dn=dn, attributes=tuple([(k, tuple(v)) for k, v in attributes.values()]), line=line)
 
 
 # Attributes that hold bytes, not text (Active Directory's ldifde writes them into every export).

@@ -14,7 +14,7 @@ from mailmerge_gov.config import Config
 from mailmerge_gov.directory.addressing import Assignment, Candidate, assign_addresses, held_addresses
 from mailmerge_gov.directory.identity import Resolution, exact_keys, is_role, resolve_identities
 from mailmerge_gov.directory.model import Alias, Issue, PlannedPerson, SourceRecord, Structure, UnitMapping
-from mailmerge_gov.directory.sources import read_source
+from mailmerge_gov.directory.sources import RecordRows, read_source
 from mailmerge_gov.directory.structure import load_structure, map_unit
 from mailmerge_gov.store import AddressRow, Store
 from mailmerge_gov.vietnamese import NameParts, split_name
@@ -59,9 +59,12 @@ ISSUE_KINDS = {
 def read_sources(config: Config, store: Store) -> tuple[dict[str, Any], str]:
     """Read every source into the store; return the reads and the digest of all inputs."""
     reads = {source.name: read_source(source) for source in config.sources}
+    digests = {}
     for name, read in reads.items():
-        store.save_source_records(name, read.digest, read.records)
-    return reads, inputs_digest(config, {name: read.digest for name, read in reads.items()})
+        rows = RecordRows(read.records)  # encoded once, for the store and the digest
+        store.save_source_records(name, rows, rows.hexdigest)
+        digests[name] = rows.hexdigest()
+    return reads, inputs_digest(config, digests)
 
 
 def inputs_digest(config: Config, source_digests: dict[str, str]) -> str:

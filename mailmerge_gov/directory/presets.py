@@ -6,7 +6,8 @@ import dataclasses
 import datetime as dt
 import re
 from dataclasses import dataclass
-from typing import Iterable
+from operator import itemgetter
+from typing import Callable, Iterable
 
 from mailmerge_gov.directory.model import RawAttributes, SourceRecord
 
@@ -17,6 +18,7 @@ SINGLE_FIELDS = ("uid", "full_name", "title", "unit", "employee_id", "citizen_id
 LIST_FIELDS = ("mail", "aliases", "proxy_addresses", "phones", "mobiles", "member_of", "members",
                "member_uids", "member_addresses")
 FIELDS = tuple(sorted(SINGLE_FIELDS + LIST_FIELDS))
+_READ_ORDER = SINGLE_FIELDS + LIST_FIELDS  # the order of FieldMap._read, unpacked by read_entry
 
 # Never kept in `raw`: the state store and its reports must not hold password hashes.
 SECRET_ATTRIBUTES = frozenset({
@@ -110,10 +112,21 @@ class FieldMap:
     preset: Preset
     fields: tuple[tuple[str, tuple[str, ...]], ...]
     _index: dict[str, tuple[str, ...]] = dataclasses.field(init=False, repr=False, compare=False, hash=False)
+    # What read_entry needs of the map, worked out once (it runs for every entry of a 100,000-entry export,
+    # and asking names() for each field was 1.4 million calls): the names of each field in _READ_ORDER, ...
+    _read: tuple[tuple[str, ...], ...] = dataclasses.field(init=False, repr=False, compare=False, hash=False)
+    # ... the preset's skip flags lower-cased, ...
+    _skip_flags: tuple[str, ...] = dataclasses.field(init=False, repr=False, compare=False, hash=False)
+    # ... and objectClass values as an entry has them -> "person", "group" or "" (neither, or a class to skip): an
+    # export holds a few combinations, each repeated thousands of times.
+    _kinds: dict[tuple[str, ...], str] = dataclasses.field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
-        # looked up ~15 times per entry; attribute names compare case-insensitively
+        # attribute names compare case-insensitively
         object.__setattr__(self, "_index", {k: tuple(n.lower() for n in v) for k, v in self.fields})
+        object.__setattr__(self, "_read", tuple(self.names(field) for field in _READ_ORDER))
+        object.__setattr__(self, "_skip_flags", tuple(flag.lower() for flag in self.preset.skip_flags))
+        object.__setattr__(self, "_kinds", {})
 
     def names(self, field: str) -> tuple[str, ...]:
         """Return the attribute names (lower-case) that hold a field, or ()."""
@@ -162,8 +175,13 @@ def split_dn(dn: str) -> list[tuple[str, str]]:
     """Split a DN into (attribute, value) RDNs, values unescaped (RFC 4514); multi-valued RDNs keep '+'."""
     if "\\" not in dn and ";" not in dn:
         # the common case, and 100,000 entries pass here several times: no escapes to undo
-        return [(attribute.strip(), value.strip()) for attribute, _, value in
-                (part.partition("=") for part in dn.split(",")) if attribute.strip() or value.strip()]
+        rdns = []
+        for part in dn.split(","):
+            attribute, _, value = part.partition("=")
+            attribute, value = attribute.strip(), value.strip()
+            if attribute or value:
+                rdns.append((attribute, value))
+        return rdns
     rdns: list[tuple[str, str]] = []
     attribute, current, escaped = None, bytearray(), False
     text = dn.encode("utf-8")
@@ -195,6 +213,15 @@ def split_dn(dn: str) -> list[tuple[str, str]]:
 
 def normalize_dn(dn: str) -> str:
     """Return a DN as a comparison key: attribute names and values lower-cased, spaces around , and = gone."""
+    if "\\" not in dn and ";" not in dn:
+        # split_dn's common case without its list of pairs: every entry's DN and every memberOf value pass here
+        parts = []
+        for part in dn.split(","):
+            attribute, _, value = part.partition("=")
+            attribute, value = attribute.strip(), value.strip()
+            if attribute or value:
+                parts.append(f"{attribute.lower()}={value.lower()}")
+        return ",".join(parts)
     return ",".join(f"{attribute.lower()}={value.lower()}" for attribute, value in split_dn(dn))
 
 
@@ -217,72 +244,136 @@ class Parsed:
 
 def read_entry(rules: FieldMap, source: str, dn: str, attributes: RawAttributes, line: int | None) -> Parsed | None:
     """Turn one entry into a person or group record; None for entries that are neither."""
-    values: dict[str, tuple[str, ...]] = {}
-    for name, found in attributes:
-        values[name.lower()] = values.get(name.lower(), ()) + found
-    classes = {value.lower() for value in values.get("objectclass", ())}
-    preset = rules.preset
-    if classes & preset.group_classes:
-        kind = "group"
-    elif classes & preset.person_classes and not classes & preset.skip_classes:
-        kind = "person"
-        if any(value.upper() == "TRUE" for flag in preset.skip_flags for value in values.get(flag.lower(), ())):
-            return None
+    names, found = tuple(zip(*attributes)) or ((), ())  # the names, and their values, each in one tuple
+    # names lower-cased once per list of names, not twice per name and entry
+    lowered, unique, raw = _shape(names)
+    if unique:
+        values = dict(zip(lowered, found))
     else:
+        values = {}
+        for name, more in zip(lowered, found):
+            values[name] = values.get(name, ()) + more
+    preset = rules.preset
+    classes = values.get("objectclass", ())
+    kind = rules._kinds.get(classes)
+    if kind is None:
+        kind = _kind(preset, classes)
+        if len(rules._kinds) >= _CACHE_SIZE:
+            rules._kinds.clear()
+        rules._kinds[classes] = kind
+    if not kind:
         return None
+    if kind == "person":
+        for flag in rules._skip_flags:
+            if any(value.upper() == "TRUE" for value in values.get(flag, ())):
+                return None
     group = kind == "group"
+    (uid, full_names, title, unit_names, employee_id, citizen_id, birth_date, disabled, mail_names, alias_names,
+     proxies, phones, mobiles, member_of, members, member_uids, member_addresses) = rules._read
 
-    def first(field: str) -> str | None:
-        for name in rules.names(field):
-            for value in values.get(name, ()):
-                if value.strip():
-                    return value.strip()
-        return None
-
-    def every(field: str) -> list[tuple[str, str]]:
-        return [(name, value.strip()) for name in rules.names(field) for value in values.get(name, ()) if value.strip()]
-
-    full_name = next((v for n in rules.names("full_name") for v in values.get(n, ()) if v.strip()), None)
+    full_name = _first(values, full_names, strip=False)
     if full_name is None:
         if not group:
             wanted = " or ".join(rules.spelled("full_name"))
             raise EntryError(f"a person entry without a name (no {wanted})")
         full_name = split_dn(dn)[0][1] if split_dn(dn) else dn
-    mail, aliases = _addresses(every("proxy_addresses"), every("mail"), every("aliases"), attributes)
-    birth = first("birth_date")
+    # (a field no attribute holds - citizen_id and birth_date in every preset - is not looked up at all)
+    mail, aliases = _addresses(_every(values, proxies) if proxies else [], _every(values, mail_names),
+                               _every(values, alias_names) if alias_names else [], attributes)
+    birth = _first(values, birth_date) if birth_date else None
     if birth is not None and parse_date(birth) is None:
-        name = next(n for n in rules.names("birth_date") if birth in (v.strip() for v in values.get(n, ())))
+        name = next(n for n in birth_date if birth in (v.strip() for v in values.get(n, ())))
         raise EntryError(f"{_spelled(attributes, name)}: '{birth}' is not a date")
-    unit = None if group else first("unit")
+    unit = None if group else _first(values, unit_names)
     if unit is None and not group and preset.unit_from_dn:
         unit = unit_from_dn(dn)
     # only a group's members count: a Zimbra account's own zimbraMailForwardingAddress is a forward
-    members = [_member_dn(value) for _, value in every("members")] if group else []
+    member_dns = [_member_dn(value) for value in _values(values, members)] if group else []
+    groups = _values(values, member_of) if member_of and not group else []
     record = SourceRecord(
-        source=source, dn=dn, kind=kind, full_name=full_name, uid=first("uid"), mail=mail, aliases=aliases,
-        title=first("title"), phones=tuple(v for _, v in every("phones")),
-        mobiles=tuple(v for _, v in every("mobiles")), unit=unit, employee_id=first("employee_id"),
-        citizen_id=first("citizen_id"), birth_date=parse_date(birth) if birth else None,
-        disabled=_disabled(preset.disabled_rule, rules.names("disabled"), values, attributes),
-        member_of=() if group else tuple(_unique_dns(v for _, v in every("member_of"))),
-        members=tuple(_unique_dns(members)), line=line, raw=keep_raw(attributes),
+        source=source, dn=dn, kind=kind, full_name=full_name, uid=_first(values, uid), mail=mail, aliases=aliases,
+        title=_first(values, title), phones=tuple(_values(values, phones)), mobiles=tuple(_values(values, mobiles)),
+        unit=unit, employee_id=_first(values, employee_id),
+        citizen_id=_first(values, citizen_id) if citizen_id else None,
+        birth_date=parse_date(birth) if birth else None,
+        disabled=_disabled(preset.disabled_rule, disabled, values, attributes),
+        member_of=tuple(_unique_dns(groups)) if groups else (),
+        members=tuple(_unique_dns(member_dns)) if member_dns else (), line=line, raw=raw(attributes),
     )
     if not group:
         return Parsed(record)
     addresses = []
-    for name, value in every("member_addresses"):
+    for name, value in _every(values, member_addresses):
         address = check_address(value)
         if address is None:
             raise EntryError(f"{_spelled(attributes, name)}: '{value}' is not a valid address")
         addresses.append(address)
-    return Parsed(record, tuple(v for _, v in every("member_uids")), tuple(dict.fromkeys(addresses)))
+    return Parsed(record, tuple(_values(values, member_uids)), tuple(dict.fromkeys(addresses)))
+
+
+# Worked out once, not per entry: the entries of an export share a few lists of attribute names and a few
+# combinations of objectClass values. The caches are emptied when full: entries that all differ only fill them again.
+_CACHE_SIZE = 4096
+# attribute names as an entry lists them -> (lower-cased, no name twice, the pairs `raw` keeps, sorted)
+_SHAPES: dict[tuple[str, ...], tuple[tuple[str, ...], bool, Callable[[RawAttributes], RawAttributes]]] = {}
+
+
+def _shape(names: tuple[str, ...]) -> tuple[tuple[str, ...], bool, Callable[[RawAttributes], RawAttributes]]:
+    """Return an entry's attribute names lower-cased, whether none repeats, and what keep_raw keeps of it."""
+    shape = _SHAPES.get(names)
+    if shape is None:
+        lowered = tuple(name.lower() for name in names)
+        # sorting positions by (lower-cased, as written) is the stable sort of the pairs keep_raw did itself
+        kept = sorted((index for index, name in enumerate(lowered) if name not in SECRET_ATTRIBUTES),
+                      key=lambda index: (lowered[index], names[index]))
+        if len(_SHAPES) >= _CACHE_SIZE:
+            _SHAPES.clear()
+        shape = _SHAPES[names] = (lowered, len(set(lowered)) == len(lowered), _picker(kept))
+    return shape
+
+
+def _picker(positions: list[int]) -> Callable[[RawAttributes], RawAttributes]:
+    """Return a function that takes the pairs at these positions of an entry's attributes, as a tuple."""
+    if len(positions) > 1:
+        return itemgetter(*positions)  # the entry's own pairs, in one call
+    # itemgetter of one position returns the pair itself, not a tuple of it
+    return lambda attributes: tuple([attributes[index] for index in positions])
+
+
+def _kind(preset: Preset, values: tuple[str, ...]) -> str:
+    """Return what objectClass values make an entry: "group", "person" or "" (neither, or skipped)."""
+    classes = {value.lower() for value in values}
+    if classes & preset.group_classes:
+        return "group"
+    if classes & preset.person_classes and not classes & preset.skip_classes:
+        return "person"
+    return ""
+
+
+def _first(values: dict[str, tuple[str, ...]], names: tuple[str, ...], strip: bool = True) -> str | None:
+    """Return the first value of the first attribute that has one not blank (stripped unless told), or None."""
+    for name in names:
+        for value in values.get(name, ()):
+            stripped = value.strip()
+            if stripped:
+                return stripped if strip else value
+    return None
+
+
+def _every(values: dict[str, tuple[str, ...]], names: tuple[str, ...]) -> list[tuple[str, str]]:
+    """Return (attribute, value stripped) for every value not blank of the attributes, in order."""
+    return [(name, stripped) for name in names for value in values.get(name, ()) if (stripped := value.strip())]
+
+
+def _values(values: dict[str, tuple[str, ...]], names: tuple[str, ...]) -> list[str]:
+    """Return every value not blank of the attributes, stripped, in order."""
+    return [stripped for name in names for value in values.get(name, ()) if (stripped := value.strip())]
 
 
 def keep_raw(attributes: RawAttributes) -> RawAttributes:
     """Return the attributes as kept for history: sorted by name, secrets left out, values in order."""
     # the entry's own (name, values) pairs, not copies: a record keeps them for as long as the plan runs
-    kept = [item for item in attributes if item[0].lower() not in SECRET_ATTRIBUTES]
-    return tuple(sorted(kept, key=lambda item: (item[0].lower(), item[0])))
+    return _shape(next(zip(*attributes), ()))[2](attributes)
 
 
 def _spelled(attributes: RawAttributes, lower: str) -> str:
@@ -333,7 +424,10 @@ def _disabled(rule: str, names: tuple[str, ...], values: dict[str, tuple[str, ..
 
 def _member_dn(value: str) -> str:
     """Return the DN of a member value; uniqueMember may carry an optional #'0101'B uid suffix."""
-    return re.sub(r"#'[01]*'B$", "", value)
+    return _UID_SUFFIX.sub("", value) if "#" in value else value  # most members have none
+
+
+_UID_SUFFIX = re.compile(r"#'[01]*'B$")
 
 
 def _unique_dns(dns: Iterable[str]) -> list[str]:

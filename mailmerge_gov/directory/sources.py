@@ -10,7 +10,8 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from functools import cached_property
+from typing import Iterator, Sequence
 
 import ldap3
 import ldap3.core.exceptions
@@ -23,7 +24,7 @@ from mailmerge_gov.directory.presets import (
     PRESETS, EntryError, FieldMap, Parsed, check_address, field_map, keep_raw, normalize_dn, parse_date, read_entry,
 )
 
-__all__ = ["PAGE_SIZE", "SourceError", "SourceRead", "read_source", "records_digest"]
+__all__ = ["PAGE_SIZE", "RecordRows", "SourceError", "SourceRead", "read_source", "record_json", "records_digest"]
 
 # Entries per LDAP page. AD answers at most 1,000 per page (MaxPageSize) and OpenLDAP's default
 # size limit is 500; 500 stays under both, and a page of 500 entries is a few hundred KB.
@@ -44,8 +45,12 @@ class SourceRead:
     """What one source holds: its records, a digest to notice later changes, and notes for a person."""
 
     records: tuple[SourceRecord, ...]
-    digest: str  # SHA-256 of the records' canonical form (see records_digest)
     warnings: tuple[str, ...] = ()
+
+    @cached_property
+    def digest(self) -> str:
+        """SHA-256 of the records' canonical form (see records_digest), worked out when first asked."""
+        return records_digest(self.records)
 
     @property
     def people(self) -> tuple[SourceRecord, ...]:
@@ -88,25 +93,57 @@ def read_source(source: Source) -> SourceRead:
     if directory.hr_csv is not None:
         records, more = _join_hr(records, directory.hr_csv)
         warnings += more
-    return SourceRead(records=tuple(records), digest=records_digest(records), warnings=tuple(warnings))
+    return SourceRead(records=tuple(records), warnings=tuple(warnings))
 
 
+# The canonical form of a record: every field but `line` (a comment added to an export moves lines
+# without changing any data), as JSON with sorted keys. The store keeps exactly this text, and the
+# digest is taken over it: a plan encodes each record once, not once for each.
+_CANONICAL = tuple(field.name for field in dataclasses.fields(SourceRecord) if field.name != "line")
 # one encoder for every record: json.dumps with options would build one per call (the same text)
-_DIGEST_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_RECORD_JSON = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 
 
-def records_digest(records: list[SourceRecord] | tuple[SourceRecord, ...]) -> str:
-    """Return the SHA-256 of the records' canonical form: sorted by DN, every field but `line`."""
-    # Not `line`: a comment added to an export moves lines without changing any data. Sorted by DN:
-    # an LDAP server may return entries in any order. The DN as written is enough (and normalising
-    # 100,000 of them took a second): a source never has two entries with one DN.
-    names = [field.name for field in dataclasses.fields(SourceRecord) if field.name != "line"]
-    digest = hashlib.sha256(json.dumps(names).encode() + b"\n")
-    for record in sorted(records, key=lambda r: r.dn):
-        # one JSON array per record, fields in the order named on the first line (asdict is 10x slower)
-        values = [getattr(record, name) for name in names]
-        digest.update(_DIGEST_JSON.encode(values).encode() + b"\n")
-    return digest.hexdigest()
+def record_json(record: SourceRecord) -> str:
+    """Return a record's canonical form (fields one level deep: dataclasses.asdict is 10x slower)."""
+    return _RECORD_JSON.encode({name: getattr(record, name) for name in _CANONICAL})
+
+
+class RecordRows:
+    """A source's records as the store keeps them, (dn, kind, line, canonical JSON) in DN order, digested as taken."""
+
+    def __init__(self, records: Sequence[SourceRecord]) -> None:
+        # Sorted by DN: an LDAP server may return entries in any order. The DN as written is enough
+        # (normalising 100,000 of them took a second): a source never has two entries with one DN.
+        self.records = sorted(records, key=lambda record: record.dn)
+        self._digest = hashlib.sha256(json.dumps(list(_CANONICAL)).encode() + b"\n")
+        self._taken = 0
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __iter__(self) -> Iterator[tuple[str, str, int | None, str]]:
+        if self._taken:
+            raise RuntimeError("the rows of a read are taken once (the digest is taken over them)")
+        for record in self.records:
+            text = record_json(record)
+            self._digest.update(text.encode() + b"\n")
+            self._taken += 1
+            yield record.dn, record.kind, record.line, text
+
+    def hexdigest(self) -> str:
+        """Return the SHA-256 of every row's JSON; all of them must have been taken."""
+        if self._taken != len(self.records):
+            raise RuntimeError("the digest of a read is known once all its rows are taken")
+        return self._digest.hexdigest()
+
+
+def records_digest(records: Sequence[SourceRecord]) -> str:
+    """Return the SHA-256 of the records' canonical form, in DN order."""
+    rows = RecordRows(records)
+    for _ in rows:
+        pass
+    return rows.hexdigest()
 
 
 # --- entries to records --------------------------------------------------------------------------
