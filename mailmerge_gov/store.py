@@ -318,12 +318,13 @@ class Store:
                 if identity is None:
                     identity = int(self.db.execute("INSERT INTO identities (created_at) VALUES (?)",
                                                    (_now(),)).lastrowid)
-                self.db.execute(
-                    "INSERT INTO identity_records (record_ref, identity_id) VALUES (?, ?) "
-                    "ON CONFLICT (record_ref) DO UPDATE SET identity_id = excluded.identity_id",
-                    (ref, identity),
-                )
                 result[ref] = identity
+            # one executemany, not an execute per record (100,000 of them in a large plan)
+            self.db.executemany(
+                "INSERT INTO identity_records (record_ref, identity_id) VALUES (?, ?) "
+                "ON CONFLICT (record_ref) DO UPDATE SET identity_id = excluded.identity_id",
+                result.items(),
+            )
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from mailmerge_gov.directory.model import SourceRecord
@@ -38,15 +39,22 @@ class Resolution:
     identities: dict[int, tuple[SourceRecord, ...]]
     suggestions: tuple[Suggestion, ...]
     conflicts: tuple[str, ...]  # decisions that the exact keys contradict
+    keys: dict[int, frozenset[str]] = field(default_factory=dict)  # each identity's exact keys
 
 
 def is_role(record: SourceRecord, reserved: Iterable[str]) -> bool:
     """Tell whether a record is a role mailbox (vanthu@, postmaster@ …) rather than a person."""
-    names = RFC2142_NAMES | {name.lower() for name in reserved}
-    locals_ = {address.split("@", 1)[0] for address in record.addresses[:1]}
-    if record.uid:
-        locals_.add(record.uid.lower())
-    return bool(locals_ & names)
+    names = _role_names(tuple(reserved))
+    first = record.addresses[:1]  # the primary address, or the first alias of an entry without one
+    if first and first[0].split("@", 1)[0] in names:
+        return True
+    return bool(record.uid) and record.uid.lower() in names
+
+
+@functools.lru_cache(maxsize=8)
+def _role_names(reserved: tuple[str, ...]) -> frozenset[str]:
+    """Return the role names with the configured ones (asked once per record: built once)."""
+    return RFC2142_NAMES | {name.lower() for name in reserved}
 
 
 def exact_keys(record: SourceRecord) -> set[str]:
@@ -100,9 +108,10 @@ def resolve_identities(records: Sequence[SourceRecord], links: Mapping[str, int]
     people = sorted((r for r in records if r.kind == "person"), key=lambda r: r.ref)
     groups = _Groups(r.ref for r in people)
     different = {pair for pair, decision in decisions.items() if decision == "different"}
+    keys_of = {record.ref: exact_keys(record) for record in people}  # asked for again and again below
     by_key: dict[str, list[str]] = defaultdict(list)
     for record in people:
-        for key in sorted(exact_keys(record)):
+        for key in sorted(keys_of[record.ref]):
             by_key[key].append(record.ref)
     for key in sorted(by_key):
         refs = by_key[key]
@@ -125,18 +134,20 @@ def resolve_identities(records: Sequence[SourceRecord], links: Mapping[str, int]
     # A group is served by its first record in source order (then DN): a merged official's id
     # does not depend on which source's name sorts first.
     first = {root: min((rank.get(r.source, len(rank)), r.ref) for r in rs) for root, rs in members.items()}
-    identities = _number(members, links, new_id, key=first.__getitem__, known_keys=known_keys or {})
+    identities = _number(members, links, new_id, key=first.__getitem__, known_keys=known_keys or {},
+                         keys_of=keys_of)
     reserved = tuple(reserved)
     # A "different" decision is about two officials, not two records: it silences every
     # suggestion between the identities those records ended up in.
     apart = {frozenset((groups.find(a), groups.find(b))) for a, b in different if a in known and b in known}
     suggestions = _suggest(people, groups, decisions, reserved, apart, new_unit or (lambda record: None))
-    return Resolution(identities=identities, suggestions=suggestions, conflicts=conflicts)
+    keys = {identity: frozenset(key for r in rs for key in keys_of[r.ref]) for identity, rs in identities.items()}
+    return Resolution(identities=identities, suggestions=suggestions, conflicts=conflicts, keys=keys)
 
 
 def _number(members: Mapping[str, list[SourceRecord]], links: Mapping[str, int],
             new_id: Callable[[], int], key: Callable[[str], Any],
-            known_keys: Mapping[str, int]) -> dict[int, tuple[SourceRecord, ...]]:
+            known_keys: Mapping[str, int], keys_of: Mapping[str, set[str]]) -> dict[int, tuple[SourceRecord, ...]]:
     """Give each group an identity id: the one its keys had, else the one its records had, else a new one.
 
     Keys (citizen IDs, employee numbers, addresses) come first: a DN changes when an entry moves
@@ -150,7 +161,7 @@ def _number(members: Mapping[str, list[SourceRecord]], links: Mapping[str, int],
         records = tuple(members[root])
         # A membership test per id, not `set - identities.keys()`: that difference walks every key of the
         # dict for each group, which made numbering quadratic (35 s of a 100,000-official plan).
-        old = sorted({identity for r in records for k in exact_keys(r)
+        old = sorted({identity for r in records for k in keys_of[r.ref]
                       if (identity := known_keys.get(k)) is not None and identity not in identities})
         if not old:
             old = sorted({identity for r in records if (identity := links.get(r.ref)) is not None

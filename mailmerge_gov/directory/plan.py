@@ -12,7 +12,7 @@ from typing import Any, Iterator, Sequence
 
 from mailmerge_gov.config import Config
 from mailmerge_gov.directory.addressing import Assignment, Candidate, assign_addresses, held_addresses
-from mailmerge_gov.directory.identity import Resolution, exact_keys, is_role, resolve_identities
+from mailmerge_gov.directory.identity import Resolution, is_role, resolve_identities
 from mailmerge_gov.directory.model import Alias, Issue, PlannedPerson, SourceRecord, Structure, UnitMapping
 from mailmerge_gov.directory.sources import RecordRows, read_source
 from mailmerge_gov.directory.structure import load_structure, map_unit
@@ -120,8 +120,7 @@ def _make_plan(config: Config, store: Store) -> Plan:
                                     source_order=[source.name for source in config.sources],
                                     known_keys=store.identity_keys(), new_unit=units.new_code)
     store.link_records({r.ref: identity for identity, rs in resolution.identities.items() for r in rs})
-    store.save_identity_keys({key: identity for identity, rs in resolution.identities.items()
-                              for r in rs for key in exact_keys(r)})
+    store.save_identity_keys({key: identity for identity, keys in resolution.keys.items() for key in keys})
 
     order = {source.name: index for index, source in enumerate(config.sources)}
     keep = set(config.addressing.keep_addresses_of)
