@@ -4,7 +4,7 @@ import base64
 import io
 
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import example, given, strategies as st
 
 from mailmerge_gov.directory.ldif import LdifEntry, LdifError, format_change, format_entry, format_line, read_ldif
 
@@ -105,6 +105,8 @@ values = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_
 
 
 @given(st.lists(st.tuples(names, st.lists(values, min_size=1, max_size=3)), max_size=4, unique_by=lambda p: p[0]))
+@example([("cn", ["\n"])]).via("a final newline: a regex $ matches before it")
+@example([("description", ["Dòng một\n", "x\n"])]).via("a final newline: a regex $ matches before it")
 def test_what_is_written_reads_back_the_same(attributes) -> None:
     frozen = tuple((name, tuple(vals)) for name, vals in attributes)
     assert read(format_entry("uid=Nguyễn Văn An,dc=hcm", frozen)) == [LdifEntry("uid=Nguyễn Văn An,dc=hcm", frozen, 1)]

@@ -19,7 +19,8 @@ Attributes = tuple[tuple[str, tuple[str, ...]], ...]
 _ATTR = re.compile(r"^([A-Za-z][A-Za-z0-9-]*(?:;[A-Za-z0-9-]+)*|[0-9]+(?:\.[0-9]+)*)(:<|::?)\s?(.*)$")
 _NAME = re.compile(r"[A-Za-z][A-Za-z0-9-]*(?:;[A-Za-z0-9-]+)*|[0-9]+(?:\.[0-9]+)*")
 # RFC 2849 SAFE-STRING: no NUL, LF, CR; first char not space, ':' or '<'; ASCII only.
-_SAFE = re.compile(r"^(?:[\x01-\x09\x0b\x0c\x0e-\x1f\x21-\x39\x3b\x3d-\x7f][\x01-\x09\x0b\x0c\x0e-\x7f]*)?$")
+# \Z, not $: $ also matches before a final newline, and "x\n" written unencoded ends the record early.
+_SAFE = re.compile(r"^(?:[\x01-\x09\x0b\x0c\x0e-\x1f\x21-\x39\x3b\x3d-\x7f][\x01-\x09\x0b\x0c\x0e-\x7f]*)?\Z")
 FOLD_WIDTH = 76
 _DECODED_SIZE = 32768  # base64 values read_ldif keeps decoded (of 256 characters at most): some 10 MB
 
