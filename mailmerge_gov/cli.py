@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Iterator
 
 import click
+import rich.console
+import rich.progress
 
 from mailmerge_gov import __version__
 from mailmerge_gov.check import check_config
@@ -25,11 +27,15 @@ from mailmerge_gov.directory.report import write_access_report, write_report
 from mailmerge_gov.directory.sources import SourceError, read_source
 from mailmerge_gov.directory.structure import StructureError, load_structure
 from mailmerge_gov.directory.draft import draft_structure
+from mailmerge_gov.migration.batch import JobsError, read_jobs_csv, run_jobs, verify_jobs
+from mailmerge_gov.migration.protocol import MailboxError
+from mailmerge_gov.migration.report import mailbox_reports, write_migration_report
+from mailmerge_gov.migration.sync import MailboxCheck, MailboxJob, MailboxOutcome
 from mailmerge_gov.store import Store, StoreError, open_store
 
 # The library's named errors: each carries a message a person can act on.
 LIBRARY_ERRORS = (AccessError, ConfigError, SecretError, StoreError, SourceError, StructureError, AddressingError, PlanError,
-                  ApplyError, RollbackError)
+                  ApplyError, RollbackError, JobsError)
 
 CONFIG_HELP = "The consolidation file (default: $MAILMERGE_GOV_CONFIG or ./consolidation.toml)."
 
@@ -368,6 +374,128 @@ def mailbox_jobs_command(config_path: Path, output: Path | None) -> None:
     with opened(config) as store:
         jobs = mailbox_jobs(load_plan(config, store).people, config)
     _write_or_echo(jobs_csv(jobs), output, f"{len(jobs)} mailboxes")
+
+
+def _selected_jobs(config: Config, jobs_file: Path | None, only: tuple[str, ...]) -> list[MailboxJob]:
+    """The jobs of a CSV file, or of the newest plan; narrowed to the mailboxes named with --only."""
+    if jobs_file is not None:
+        jobs = read_jobs_csv(jobs_file, config)
+    else:
+        with opened(config) as store:
+            jobs = [MailboxJob(j.source, j.source_mailbox, j.target_mailbox)
+                    for j in mailbox_jobs(load_plan(config, store).people, config)]
+    if only:
+        wanted = set(only)
+        jobs = [j for j in jobs if j.mailbox in wanted or f"{j.source}:{j.mailbox}" in wanted]
+        unknown = wanted - {j.mailbox for j in jobs} - {f"{j.source}:{j.mailbox}" for j in jobs}
+        if unknown:
+            raise click.ClickException(f"no mailbox job for {', '.join(sorted(unknown))}")
+    return jobs
+
+
+JOBS_FILE_HELP = "Read the jobs from this CSV (source,source_mailbox,target_mailbox) instead of the newest plan."
+
+
+@mailbox.command("migrate")
+@config_option
+@click.option("--from-csv", "jobs_file", type=click.Path(dir_okay=False, path_type=Path), help=JOBS_FILE_HELP)
+@click.option("--only", multiple=True, metavar="MAILBOX", help="Only this old mailbox (or SOURCE:MAILBOX); repeatable.")
+@click.option("--jobs", "workers", type=click.IntRange(min=1), help="Mailboxes copied at once (default: [migration] jobs).")
+@click.option("--dry-run", is_flag=True, help="List what would be copied; copy and record nothing.")
+def mailbox_migrate(config_path: Path, jobs_file: Path | None, only: tuple[str, ...], workers: int | None,
+                    dry_run: bool) -> None:
+    """Copy every mailbox job's new messages and flag changes, with evidence; run again to resume.
+
+    Exit code 1 when any mailbox failed; the others are copied all the same.
+    """
+    config = read_config(config_path)
+    jobs = _selected_jobs(config, jobs_file, only)
+    console = rich.console.Console(stderr=True)
+    with rich.progress.Progress(rich.progress.TextColumn("{task.description}"), rich.progress.BarColumn(),
+                                rich.progress.MofNCompleteColumn(), console=console, transient=True) as bars:
+        overall = bars.add_task("mailboxes", total=len(jobs))
+        tasks: dict[tuple[str, str], rich.progress.TaskID] = {}
+
+        def progress(job: MailboxJob, folder: str, done: int, total: int) -> None:
+            key = (job.source, job.mailbox)
+            if key not in tasks:
+                tasks[key] = bars.add_task(job.mailbox, total=total)
+            bars.update(tasks[key], completed=done, total=total, description=f"{job.mailbox} {folder}")
+
+        def finished(outcome: MailboxOutcome) -> None:
+            bars.advance(overall)
+            key = (outcome.job.source, outcome.job.mailbox)
+            if key in tasks:
+                bars.remove_task(tasks.pop(key))
+
+        try:
+            outcomes = run_jobs(config, jobs, workers, dry_run=dry_run, progress=progress, done=finished)
+        except (MailboxError, *LIBRARY_ERRORS) as exc:
+            raise click.ClickException(str(exc)) from exc
+    for outcome in outcomes:
+        job = outcome.job
+        verb = "would copy" if dry_run else "copied"
+        line = (f"{job.source}:{job.mailbox} -> {job.target_mailbox}: {verb} {outcome.copied} messages "
+                f"({outcome.bytes} bytes)")
+        if outcome.skipped:
+            line += f", skipped {outcome.skipped}"
+        if any(f.flags_synced for f in outcome.folders):
+            line += f", flags synced on {sum(f.flags_synced for f in outcome.folders)}"
+        click.echo(line + (f"; FAILED: {outcome.error}" if outcome.status == "failed" else ""))
+        if dry_run:
+            for folder in outcome.folders:
+                click.echo(f"    {folder.folder} -> {folder.target_folder or '(not copied)'}: "
+                           f"{folder.copied} messages" + (f" ({folder.note})" if folder.note else ""))
+    failed = sum(o.status == "failed" for o in outcomes)
+    if not dry_run:
+        with opened(config) as store:
+            html, data = write_migration_report(mailbox_reports(store, jobs, outcomes), reports_folder(config),
+                                                "mailbox-migration", config.name)
+        click.echo(f"report: {html}\n        {data}")
+    click.echo(f"{len(outcomes) - failed} of {len(outcomes)} mailboxes done"
+               + (f"; {failed} failed (run again to retry them)" if failed else ""))
+    if failed:
+        raise SystemExit(1)
+
+
+@mailbox.command("verify")
+@config_option
+@click.option("--from-csv", "jobs_file", type=click.Path(dir_okay=False, path_type=Path), help=JOBS_FILE_HELP)
+@click.option("--only", multiple=True, metavar="MAILBOX", help="Only this old mailbox (or SOURCE:MAILBOX); repeatable.")
+def mailbox_verify(config_path: Path, jobs_file: Path | None, only: tuple[str, ...]) -> None:
+    """Re-read both sides: every old message is in the new mailbox, or listed as skipped with its reason.
+
+    Exit code 1 when a message is missing or a mailbox cannot be read.
+    """
+    config = read_config(config_path)
+    jobs = _selected_jobs(config, jobs_file, only)
+
+    def show(check: MailboxCheck) -> None:
+        job = check.job
+        if check.error:
+            click.echo(f"{job.source}:{job.mailbox} -> {job.target_mailbox}: CANNOT VERIFY: {check.error}")
+            return
+        expected = sum(f.expected for f in check.folders)
+        present = sum(f.present for f in check.folders)
+        skipped = sum(len(f.skipped) for f in check.folders)
+        click.echo(f"{job.source}:{job.mailbox} -> {job.target_mailbox}: {present} of {expected} messages found"
+                   + (f", {skipped} skipped with a reason" if skipped else "") + ("" if check.ok else ": MISSING"))
+        for f in check.folders:
+            for folder, key in f.missing:
+                click.echo(f"    missing: {folder} {key}")
+
+    try:
+        checks = verify_jobs(config, jobs, done=show)
+    except (MailboxError, *LIBRARY_ERRORS) as exc:
+        raise click.ClickException(str(exc)) from exc
+    with opened(config) as store:
+        html, data = write_migration_report(mailbox_reports(store, jobs, checks=checks), reports_folder(config),
+                                            "mailbox-verify", config.name)
+    bad = sum(not c.ok for c in checks)
+    click.echo(f"report: {html}\n        {data}")
+    click.echo(f"verified {len(checks)} mailboxes: " + (f"{bad} incomplete" if bad else "nothing missing"))
+    if bad:
+        raise SystemExit(1)
 
 
 @cli.group()

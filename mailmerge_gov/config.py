@@ -147,6 +147,7 @@ class MailServer:
     ca_file: Path | None = None
     timeout: float = 30.0
     max_connections: int = 4
+    subtree: str | None = None  # a source's folders go under this target folder ("Lưu trữ/Bình Dương")
 
     @property
     def host(self) -> str:
@@ -232,6 +233,16 @@ class Relay:
 
 
 @dataclass(frozen=True)
+class MigrationPolicy:
+    """[migration]: folder rules for every mailbox, and how many mailboxes are copied at once."""
+
+    rename: tuple[tuple[str, str], ...] = ()  # (regular expression, replacement) on source folder names
+    include: tuple[str, ...] = ()  # regular expressions: only matching folders (all when empty)
+    exclude: tuple[str, ...] = ()  # regular expressions: folders left out (listed as such)
+    jobs: int = 4  # mailboxes copied at once
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole consolidation: project, new unit, old units, policy, transition, relay."""
 
@@ -244,6 +255,7 @@ class Config:
     transition_ends: dt.date
     relay: Relay = field(default_factory=Relay)
     directory: DirectoryPolicy = field(default_factory=DirectoryPolicy)
+    migration: MigrationPolicy = field(default_factory=lambda: MigrationPolicy())
 
     @property
     def base_dir(self) -> Path:
@@ -468,11 +480,39 @@ def _read_config(loader: _Loader, root: _Table) -> Config:
     relay = _read_relay(relay_table) if relay_table else Relay()
     directory_table = root.table("directory")
     policy = _read_directory_policy(directory_table) if directory_table else DirectoryPolicy()
+    migration_table = root.table("migration")
+    migration = _read_migration(migration_table) if migration_table else MigrationPolicy()
     root.finish()
     return Config(
         path=loader.path, name=name, state_file=state_file, target=target, sources=sources,
-        addressing=addressing, transition_ends=ends, relay=relay, directory=policy,
+        addressing=addressing, transition_ends=ends, relay=relay, directory=policy, migration=migration,
     )
+
+
+def _read_migration(table: _Table) -> MigrationPolicy:
+    """Read [migration]: folder rename/include/exclude rules and the number of mailboxes at once."""
+    rename = []
+    for index, pair in enumerate(table.get("rename", list, [])):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+            raise table.error("rename", f"entry {index + 1} must be [\"regular expression\", \"replacement\"]")
+        rename.append((_regex(table, "rename", pair[0]), pair[1]))
+    policy = MigrationPolicy(
+        rename=tuple(rename),
+        include=tuple(_regex(table, "include", p) for p in table.strings("include")),
+        exclude=tuple(_regex(table, "exclude", p) for p in table.strings("exclude")),
+        jobs=int(_positive(table, "jobs", 4, integer=True)),
+    )
+    table.finish()
+    return policy
+
+
+def _regex(table: _Table, key: str, pattern: str) -> str:
+    """Check a regular expression of the config; ConfigError naming the key when it does not compile."""
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise table.error(key, f"'{pattern}' is not a valid regular expression: {exc}") from None
+    return pattern
 
 
 def _read_directory_policy(table: _Table) -> DirectoryPolicy:
@@ -571,7 +611,7 @@ def _read_mail(table: _Table) -> MailServer:
     key = table.one_of(tuple(keys), "a mail server")
     kind = keys[key]
     if kind in ("maildir", "mbox"):
-        server = MailServer(kind=kind, path=table.path_value(key))
+        server = MailServer(kind=kind, path=table.path_value(key), subtree=table.text("subtree"))
         table.finish()
         return server
     url = table.text(key)
@@ -594,6 +634,7 @@ def _read_mail(table: _Table) -> MailServer:
         probe_mailbox=table.text("probe_mailbox"), starttls=starttls,
         ca_file=table.path_value("ca_file"), timeout=_positive(table, "timeout", 30.0),
         max_connections=int(_positive(table, "max_connections", 4, integer=True)),
+        subtree=table.text("subtree"),
     )
     table.finish()
     return server

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import getpass
 import json
@@ -153,12 +154,38 @@ def _add_record_lines(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE source_records ADD COLUMN line INTEGER")
 
 
+def _create_mailbox_migration(db: sqlite3.Connection) -> None:
+    """Version 6: mailbox migration: per-folder checkpoints, per-message evidence, per-mailbox results."""
+    statements = [
+        # A mailbox job is (source, source mailbox) -> target mailbox; its folders resume from here.
+        "CREATE TABLE mailbox_folders (source TEXT NOT NULL, mailbox TEXT NOT NULL, folder TEXT NOT NULL,"
+        " target_mailbox TEXT NOT NULL, target_folder TEXT NOT NULL, uidvalidity INTEGER NOT NULL,"
+        " last_uid INTEGER NOT NULL, highestmodseq INTEGER, updated_at TEXT NOT NULL,"
+        " PRIMARY KEY (source, mailbox, folder))",
+        # One row per source message: 'appending' is written before the append and becomes 'copied'
+        # (with the target's key) after it, so that a run killed in between can tell what landed.
+        "CREATE TABLE mailbox_messages (source TEXT NOT NULL, mailbox TEXT NOT NULL, folder TEXT NOT NULL,"
+        " uidvalidity INTEGER NOT NULL, source_key TEXT NOT NULL, sha256 TEXT NOT NULL, size INTEGER NOT NULL,"
+        " internal_date TEXT NOT NULL, flags TEXT NOT NULL, target_mailbox TEXT NOT NULL,"
+        " target_folder TEXT NOT NULL, target_key TEXT, state TEXT NOT NULL, reason TEXT,"
+        " target_uidnext INTEGER, recorded_at TEXT NOT NULL,"
+        " PRIMARY KEY (source, mailbox, folder, uidvalidity, source_key))",
+        "CREATE TABLE mailbox_results (source TEXT NOT NULL, mailbox TEXT NOT NULL, target_mailbox TEXT NOT NULL,"
+        " status TEXT NOT NULL, error TEXT, messages INTEGER NOT NULL, bytes INTEGER NOT NULL,"
+        " skipped INTEGER NOT NULL, seconds REAL NOT NULL, finished_at TEXT NOT NULL,"
+        " PRIMARY KEY (source, mailbox))",
+    ]
+    for statement in statements:
+        db.execute(statement)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "audit log", _create_audit_log),
     Migration(2, "directory plan", _create_directory_plan),
     Migration(3, "directory apply log", _create_apply_log),
     Migration(4, "identity keys", _create_identity_keys),
     Migration(5, "record lines", _add_record_lines),
+    Migration(6, "mailbox migration", _create_mailbox_migration),
 )
 
 
@@ -602,6 +629,100 @@ class Store:
             self.db.execute("ROLLBACK")
             raise
 
+    # --- mailbox migration ---------------------------------------------------------------------
+
+    def folder_checkpoint(self, source: str, mailbox: str, folder: str) -> FolderCheckpoint | None:
+        """Return where the copy of a source folder stands, or None before its first copy."""
+        row = self.db.execute(
+            "SELECT source, mailbox, folder, target_mailbox, target_folder, uidvalidity, last_uid, highestmodseq"
+            " FROM mailbox_folders WHERE source = ? AND mailbox = ? AND folder = ?", (source, mailbox, folder)).fetchone()
+        return FolderCheckpoint(*row) if row else None
+
+    def save_checkpoint(self, checkpoint: FolderCheckpoint) -> None:
+        """Record where the copy of a source folder stands."""
+        c = checkpoint
+        with self._transaction():
+            self.db.execute(
+                "INSERT INTO mailbox_folders (source, mailbox, folder, target_mailbox, target_folder, uidvalidity,"
+                " last_uid, highestmodseq, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (source, mailbox, folder) DO UPDATE SET target_mailbox = excluded.target_mailbox,"
+                " target_folder = excluded.target_folder, uidvalidity = excluded.uidvalidity,"
+                " last_uid = excluded.last_uid, highestmodseq = excluded.highestmodseq,"
+                " updated_at = excluded.updated_at",
+                (c.source, c.mailbox, c.folder, c.target_mailbox, c.target_folder, c.uidvalidity, c.last_uid,
+                 c.highestmodseq, _now()))
+
+    def record_messages(self, rows: Sequence[MessageEvidence]) -> None:
+        """Write evidence rows (new or replacing the row of the same source message) in one transaction."""
+        now = _now()
+        with self._transaction():
+            self.db.executemany(
+                "INSERT INTO mailbox_messages (source, mailbox, folder, uidvalidity, source_key, sha256, size,"
+                " internal_date, flags, target_mailbox, target_folder, target_key, state, reason, target_uidnext,"
+                " recorded_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (source, mailbox, folder, uidvalidity, source_key) DO UPDATE SET"
+                " sha256 = excluded.sha256, size = excluded.size, internal_date = excluded.internal_date,"
+                " flags = excluded.flags, target_mailbox = excluded.target_mailbox,"
+                " target_folder = excluded.target_folder, target_key = excluded.target_key,"
+                " state = excluded.state, reason = excluded.reason, target_uidnext = excluded.target_uidnext,"
+                " recorded_at = excluded.recorded_at",
+                [(r.source, r.mailbox, r.folder, r.uidvalidity, r.source_key, r.sha256, r.size, r.internal_date,
+                  " ".join(r.flags), r.target_mailbox, r.target_folder, r.target_key, r.state, r.reason,
+                  r.target_uidnext, now) for r in rows])
+
+    def forget_messages(self, keys: Sequence[tuple[str, str, str, int, str]]) -> None:
+        """Drop evidence rows (source, mailbox, folder, uidvalidity, source key): appends that never landed."""
+        with self._transaction():
+            self.db.executemany("DELETE FROM mailbox_messages WHERE source = ? AND mailbox = ? AND folder = ?"
+                                " AND uidvalidity = ? AND source_key = ?", keys)
+
+    def message_evidence(self, source: str, mailbox: str, folder: str | None = None,
+                         state: str | None = None) -> list[MessageEvidence]:
+        """Return the evidence of a mailbox (of one folder, of one state), in folder and key order."""
+        sql = ("SELECT source, mailbox, folder, uidvalidity, source_key, sha256, size, internal_date, flags,"
+               " target_mailbox, target_folder, target_key, state, reason, target_uidnext FROM mailbox_messages"
+               " WHERE source = ? AND mailbox = ?")
+        args: list[Any] = [source, mailbox]
+        if folder is not None:
+            sql += " AND folder = ?"
+            args.append(folder)
+        if state is not None:
+            sql += " AND state = ?"
+            args.append(state)
+        rows = self.db.execute(sql + " ORDER BY folder, uidvalidity, source_key", args)
+        return [MessageEvidence(*row[:8], tuple(row[8].split()), *row[9:]) for row in rows]
+
+    def save_mailbox_result(self, result: MailboxResult) -> None:
+        """Record the outcome of a mailbox job's run (the last one is kept)."""
+        r = result
+        with self._transaction():
+            self.db.execute(
+                "INSERT INTO mailbox_results (source, mailbox, target_mailbox, status, error, messages, bytes,"
+                " skipped, seconds, finished_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (source, mailbox) DO UPDATE SET target_mailbox = excluded.target_mailbox,"
+                " status = excluded.status, error = excluded.error, messages = excluded.messages,"
+                " bytes = excluded.bytes, skipped = excluded.skipped, seconds = excluded.seconds,"
+                " finished_at = excluded.finished_at",
+                (r.source, r.mailbox, r.target_mailbox, r.status, r.error, r.messages, r.bytes, r.skipped,
+                 r.seconds, r.finished_at))
+
+    def mailbox_results(self) -> list[MailboxResult]:
+        """Return the outcome of every mailbox job's last run, by source and mailbox."""
+        rows = self.db.execute("SELECT source, mailbox, target_mailbox, status, error, messages, bytes, skipped,"
+                               " seconds, finished_at FROM mailbox_results ORDER BY source, mailbox")
+        return [MailboxResult(*row) for row in rows]
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction: committed at the end of the block, rolled back on any error."""
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
     def apply_runs(self) -> list[ApplyRun]:
         """Return every apply run, oldest first."""
         rows = self.db.execute(
@@ -620,6 +741,57 @@ class Store:
             " WHERE apply_id = ? ORDER BY seq", (apply_id,))
         return [ApplyChangeRow(a, seq, op, dn, _attributes(before), _attributes(after), state)
                 for a, seq, op, dn, before, after, state in rows]
+
+
+@dataclass(frozen=True)
+class FolderCheckpoint:
+    """Where the copy of one source folder stands: resume after last_uid, flags after highestmodseq."""
+
+    source: str
+    mailbox: str
+    folder: str
+    target_mailbox: str
+    target_folder: str
+    uidvalidity: int
+    last_uid: int
+    highestmodseq: int | None
+
+
+@dataclass(frozen=True)
+class MessageEvidence:
+    """What was done with one source message: copied (with the target's key), appending, or skipped."""
+
+    source: str
+    mailbox: str
+    folder: str
+    uidvalidity: int
+    source_key: str
+    sha256: str
+    size: int
+    internal_date: str
+    flags: tuple[str, ...]
+    target_mailbox: str
+    target_folder: str
+    target_key: str | None
+    state: str  # "appending", "copied" or "skipped"
+    reason: str | None = None  # why a message was skipped
+    target_uidnext: int | None = None  # the target folder's UIDNEXT before the append (recovery looks there)
+
+
+@dataclass(frozen=True)
+class MailboxResult:
+    """The outcome of one mailbox job's last run."""
+
+    source: str
+    mailbox: str
+    target_mailbox: str
+    status: str  # "ok", "failed"
+    error: str | None
+    messages: int
+    bytes: int
+    skipped: int
+    seconds: float
+    finished_at: str
 
 
 @dataclass(frozen=True)

@@ -410,10 +410,15 @@ class DovecotServer:
     MAIL_UID = 65534
     MAIL_GID = 65534
 
-    def __init__(self, name: str, users: dict[str, str] | None = None) -> None:
-        """Describe the instance; nothing runs until start()."""
+    def __init__(self, name: str, users: dict[str, str] | None = None, quota: bool = False,
+                 max_mail_size: str | None = None) -> None:
+        """Describe the instance; nothing runs until start(). quota: per-user quotas (set_quota);
+        max_mail_size: the largest message APPEND accepts, advertised as APPENDLIMIT ("100k")."""
         self.name = name
         self.users: dict[str, str] = dict(users or {})
+        self.quota = quota or max_mail_size is not None
+        self.max_mail_size = max_mail_size
+        self.quotas: dict[str, str] = {}
         self.master_user = self.MASTER_USER
         self.master_password = secrets.token_hex(12)
         self.separator = "*"
@@ -472,25 +477,45 @@ class DovecotServer:
                 self.write_user(address, password)
             conf = self.dir / "dovecot.conf"
             conf.write_text(self.config_text())
-            stdout_log = self.dir / "stdout.log"
             began = time.monotonic()
-            with stdout_log.open("wb") as out:
-                # own session = own process group, so stop() can SIGKILL the whole tree at once (notes, section 2)
-                self.proc = subprocess.Popen(
-                    [dovecot, "-F", "-c", str(conf)],
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    start_new_session=True,
-                )
-            logs = [stdout_log, self.log_path]
-            what = f"dovecot {self.name}"
-            wait_until(lambda: read_banner(self.imap_port).startswith(b"* OK"), self.proc, f"{what} IMAP", logs)
-            wait_until(lambda: read_banner(self.lmtp_port).startswith(b"220"), self.proc, f"{what} LMTP", logs)
+            self._spawn(dovecot, conf)
             self.start_seconds = time.monotonic() - began
         except BaseException:
             self.stop()
             raise
+
+    def _spawn(self, dovecot: str, conf: Path) -> None:
+        """Start dovecot on the instance's config and wait for the IMAP and LMTP greetings."""
+        stdout_log = self.dir / "stdout.log"
+        with stdout_log.open("ab") as out:
+            # own session = own process group, so stop() can SIGKILL the whole tree at once (notes, section 2)
+            self.proc = subprocess.Popen(
+                [dovecot, "-F", "-c", str(conf)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+        logs = [stdout_log, self.log_path]
+        what = f"dovecot {self.name}"
+        wait_until(lambda: read_banner(self.imap_port).startswith(b"* OK"), self.proc, f"{what} IMAP", logs)
+        wait_until(lambda: read_banner(self.lmtp_port).startswith(b"220"), self.proc, f"{what} LMTP", logs)
+
+    def restart(self) -> None:
+        """Kill the running instance (every connection drops) and start it again on the same ports and mail."""
+        assert self.proc is not None, "restart() of a server that is not running"
+        kill_group_and_reap(self.proc)
+        self.proc = None
+        self._spawn(require_program("dovecot", "dovecot-core"), self.dir / "dovecot.conf")
+
+    def set_quota(self, address: str, storage: str) -> None:
+        """Give a user a storage quota ("20K"); the server must have been made with quota=True."""
+        assert self.quota, "set_quota() needs DovecotServer(..., quota=True)"
+        self.quotas[address] = storage
+        if self.proc is not None and address in self.users:
+            self.write_user(address, self.users[address])
+            # Dovecot re-stats a passwd-file at most once a second (see write_user): wait for the next second
+            time.sleep(1.02 - time.time() % 1)
 
     def config_text(self) -> str:
         """Return dovecot.conf for this instance (comments on their own lines only)."""
@@ -524,6 +549,7 @@ first_valid_gid = 0
 mail_location = maildir:{d}/mail/%u/Maildir
 # tests only: faster
 mail_fsync = never
+{self._quota_text()}
 namespace inbox {{
   inbox = yes
   separator = /
@@ -572,6 +598,19 @@ service lmtp {{
 }}
 """
 
+    def _quota_text(self) -> str:
+        """The quota plugin's settings, when this instance has quotas."""
+        if not self.quota:
+            return ""
+        # count: the quota is counted as mail is saved (no maildirsize file); vsizes is required by count.
+        # quota_max_mail_size makes Dovecot refuse larger APPENDs and advertise APPENDLIMIT.
+        limit = f"\n  quota_max_mail_size = {self.max_mail_size}" if self.max_mail_size else ""
+        return f"""mail_plugins = $mail_plugins quota
+plugin {{
+  quota = count:User quota
+  quota_vsizes = yes{limit}
+}}"""
+
     def write_user(self, address: str, password: str) -> None:
         """Write the passwd-file line of one user."""
         # Why one file per user and not one users file: Dovecot's passwd_file_sync() stats a passwd-file at
@@ -586,7 +625,9 @@ service lmtp {{
         path = self.users_dir / address
         previous = path.stat().st_mtime if path.exists() else None
         tmp = path.with_name(f".{address}.tmp")
-        tmp.write_text(f"{address}:{{PLAIN}}{password}::::::\n")
+        # userdb extra field after the seventh colon: the user's own quota rule
+        extra = f"userdb_quota_rule=*:storage={self.quotas[address]}" if address in self.quotas else ""
+        tmp.write_text(f"{address}:{{PLAIN}}{password}::::::{extra}\n")
         if previous is not None:
             # a changed password of the same length would keep size and (same-second) mtime: move mtime on
             stamp = max(time.time(), previous + 1)

@@ -1,0 +1,1 @@
+"""Mailbox migration: stores behind one protocol, the copy engine, verification."""

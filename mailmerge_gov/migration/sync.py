@@ -1,0 +1,394 @@
+"""Copy one mailbox to its new home: folder by folder, resumable, with evidence for every message."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+from mailmerge_gov.migration.folders import FolderMapping, FolderRules, map_folders
+from mailmerge_gov.migration.protocol import (ConnectionLost, MailboxError, MailStore, Message, MessageInfo,
+                                              MessageRefused)
+from mailmerge_gov.store import FolderCheckpoint, MailboxResult, MessageEvidence, Store
+
+# Messages per FETCH and APPEND round; a batch is also what a kill -9 can leave half done.
+BATCH_MESSAGES = 200
+BATCH_BYTES = 20 << 20
+# A dropped connection is retried this many times per folder, after these pauses (seconds).
+RETRY_PAUSES = (0.5, 2.0, 5.0)
+
+
+@dataclass(frozen=True)
+class MailboxJob:
+    """One old mailbox and the new mailbox it goes to."""
+
+    source: str  # the [[sources]] name
+    mailbox: str  # the old mailbox (address or Maildir name)
+    target_mailbox: str
+
+
+@dataclass(frozen=True)
+class FolderOutcome:
+    """What one pass did with one source folder."""
+
+    folder: str
+    target_folder: str | None
+    copied: int = 0
+    bytes: int = 0
+    skipped: int = 0
+    flags_synced: int = 0
+    note: str | None = None  # why a folder was not copied, or that it was merged with another
+
+
+@dataclass(frozen=True)
+class MailboxOutcome:
+    """What one pass did with one mailbox."""
+
+    job: MailboxJob
+    status: str  # "ok" or "failed"
+    error: str | None
+    folders: tuple[FolderOutcome, ...]
+    seconds: float
+
+    @property
+    def copied(self) -> int:
+        """Messages copied by this pass."""
+        return sum(f.copied for f in self.folders)
+
+    @property
+    def bytes(self) -> int:
+        """Bytes copied by this pass."""
+        return sum(f.bytes for f in self.folders)
+
+    @property
+    def skipped(self) -> int:
+        """Messages deliberately not copied by this pass (each listed with its reason)."""
+        return sum(f.skipped for f in self.folders)
+
+
+# Called after every batch: (job, folder, messages done in the folder, messages in the folder).
+Progress = Callable[[MailboxJob, str, int, int], None]
+
+
+@dataclass
+class _Stores:
+    """The two open stores of a job, reopened after a dropped connection."""
+
+    open_source: Callable[[], MailStore]
+    open_target: Callable[[], MailStore]
+    source: MailStore | None = None
+    target: MailStore | None = None
+
+    def both(self) -> tuple[MailStore, MailStore]:
+        """Return the two stores, opening the ones that are not open."""
+        if self.source is None:
+            self.source = self.open_source()
+        if self.target is None:
+            self.target = self.open_target()
+        return self.source, self.target
+
+    def drop(self) -> None:
+        """Close both stores (quietly: the connection may be gone already)."""
+        for store in (self.source, self.target):
+            if store is not None:
+                try:
+                    store.close()
+                except Exception:  # noqa: BLE001 - closing a dead connection may fail any way; nothing to keep
+                    pass
+        self.source = self.target = None
+
+
+def sha256(raw: bytes) -> str:
+    """Return the SHA-256 of a raw message (the evidence's identity of its content)."""
+    return hashlib.sha256(raw).hexdigest()
+
+
+def migrate_mailbox(job: MailboxJob, open_source: Callable[[], MailStore], open_target: Callable[[], MailStore],
+                    store: Store, rules: FolderRules = FolderRules(), dry_run: bool = False,
+                    progress: Progress | None = None, pauses: Sequence[float] = RETRY_PAUSES) -> MailboxOutcome:
+    """Copy what is new in one mailbox and sync changed flags; record evidence; never raise for the mailbox's own faults."""
+    began = time.monotonic()
+    stores = _Stores(open_source, open_target)
+    outcomes: list[FolderOutcome] = []
+    try:
+        source, target = stores.both()
+        mappings = map_folders(source.folders(), target.folders(), rules, target.separator)
+        for mapping in mappings:
+            if mapping.target is None:
+                outcomes.append(FolderOutcome(mapping.source, None, note=mapping.reason))
+                continue
+            for attempt, pause in enumerate((*pauses, None)):
+                try:
+                    source, target = stores.both()
+                    outcomes.append(_copy_folder(job, mapping, source, target, store, dry_run, progress))
+                    break
+                except ConnectionLost:
+                    # the batch in flight is 'appending' in the evidence: the retry finds out whether it landed
+                    stores.drop()
+                    if pause is None:
+                        raise
+                    time.sleep(pause)
+        outcome = MailboxOutcome(job, "ok", None, tuple(outcomes), time.monotonic() - began)
+    except MailboxError as exc:
+        outcome = MailboxOutcome(job, "failed", str(exc), tuple(outcomes), time.monotonic() - began)
+    finally:
+        stores.drop()
+    if not dry_run:
+        evidence = store.message_evidence(job.source, job.mailbox)
+        copied = [e for e in evidence if e.state == "copied"]
+        store.save_mailbox_result(MailboxResult(
+            job.source, job.mailbox, job.target_mailbox, outcome.status, outcome.error, len(copied),
+            sum(e.size for e in copied), sum(e.state == "skipped" for e in evidence), round(outcome.seconds, 3),
+            time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
+    return outcome
+
+
+def _copy_folder(job: MailboxJob, mapping: FolderMapping, source: MailStore, target: MailStore, store: Store,
+                 dry_run: bool, progress: Progress | None) -> FolderOutcome:
+    """Bring one target folder up to date with one source folder."""
+    folder, target_folder = mapping.source, mapping.target
+    assert target_folder is not None
+    status = source.status(folder)
+    checkpoint = store.folder_checkpoint(job.source, job.mailbox, folder)
+    evidence = store.message_evidence(job.source, job.mailbox, folder)
+    pending = [e for e in evidence if e.state == "appending"]
+    if (checkpoint is not None and not pending and checkpoint.uidvalidity == status.uidvalidity
+            and status.uidnext is not None and status.uidnext <= checkpoint.last_uid + 1
+            and status.highestmodseq is not None and status.highestmodseq == checkpoint.highestmodseq):
+        # nothing arrived and no flag changed since the last pass (CONDSTORE): no need to list anything
+        return FolderOutcome(folder, target_folder, note=mapping.reason)
+    if not dry_run:
+        target.create_folder(target_folder)
+        if pending:
+            _recover(job, target_folder, pending, target, store)
+            evidence = store.message_evidence(job.source, job.mailbox, folder)
+    current = {e.source_key: e for e in evidence if e.uidvalidity == status.uidvalidity and e.state != "appending"}
+    listed = source.list_messages(folder)
+    new = [info for info in listed if info.key not in current]
+    # After a UIDVALIDITY change the old keys name nothing: messages are matched by content with what
+    # was copied before, so that nothing is copied twice (multiset: two equal messages need two copies).
+    earlier = [e for e in evidence if e.uidvalidity != status.uidvalidity and e.state == "copied"]
+    flags_synced = 0 if dry_run else _sync_flags(listed, current, target, target_folder, store)
+    limit = target.append_limit()
+    copied = size = skipped = 0
+    if dry_run:
+        return FolderOutcome(folder, target_folder, copied=len(new), bytes=sum(i.size for i in new),
+                             note=mapping.reason)
+    skips = [info for info in new if limit is not None and info.size > limit]
+    if skips:
+        store.record_messages([_evidence(job, folder, status.uidvalidity, info, "", target_folder, None, "skipped",
+                                         f"larger than the target's APPENDLIMIT ({info.size} > {limit} bytes)")
+                               for info in skips])
+        skipped += len(skips)
+    skipped_keys = {info.key for info in skips}
+    todo = [info for info in new if info.key not in skipped_keys]
+    reused: Counter[str] = Counter()  # earlier copies (by content) already claimed by a message of this pass
+    matchable: dict[str, list[MessageEvidence]] = defaultdict(list)
+    for e in earlier:
+        matchable[e.sha256].append(e)
+    done = 0
+    for batch in _batches(todo):
+        messages = list(source.fetch(folder, [info.key for info in batch]))
+        fresh: list[Message] = []
+        for message in messages:
+            digest = sha256(message.raw)
+            if matchable.get(digest) and reused[digest] < len(matchable[digest]):
+                old = matchable[digest][reused[digest]]
+                reused[digest] += 1
+                store.record_messages([_evidence(job, folder, status.uidvalidity, message.info, digest,
+                                                 old.target_folder, old.target_key, "copied")])
+                continue
+            fresh.append(message)
+        if fresh:
+            result = _append(job, folder, status.uidvalidity, target_folder, fresh, target, store)
+            copied += result[0]
+            size += result[1]
+            skipped += result[2]
+        done += len(batch)
+        if status.uidnext is not None:
+            uids = [info.uid for info in batch if info.uid is not None]
+            if uids:
+                store.save_checkpoint(FolderCheckpoint(job.source, job.mailbox, folder, job.target_mailbox,
+                                                       target_folder, status.uidvalidity, max(uids), None))
+        if progress is not None:
+            progress(job, folder, done, len(todo))
+    last_uid = max([info.uid for info in listed if info.uid is not None], default=0)
+    store.save_checkpoint(FolderCheckpoint(job.source, job.mailbox, folder, job.target_mailbox, target_folder,
+                                           status.uidvalidity, last_uid, status.highestmodseq))
+    return FolderOutcome(folder, target_folder, copied, size, skipped, flags_synced, mapping.reason)
+
+
+def _batches(infos: Sequence[MessageInfo]) -> Iterable[list[MessageInfo]]:
+    """Split messages into batches of at most BATCH_MESSAGES messages and about BATCH_BYTES bytes."""
+    batch: list[MessageInfo] = []
+    size = 0
+    for info in infos:
+        if batch and (len(batch) >= BATCH_MESSAGES or size + info.size > BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(info)
+        size += info.size
+    if batch:
+        yield batch
+
+
+def _append(job: MailboxJob, folder: str, uidvalidity: int, target_folder: str, messages: Sequence[Message],
+            target: MailStore, store: Store) -> tuple[int, int, int]:
+    """Append a batch with its evidence written before (appending) and after (copied); return copied, bytes, skipped."""
+    uidnext = target.status(target_folder).uidnext
+    digests = [sha256(m.raw) for m in messages]
+    store.record_messages([_evidence(job, folder, uidvalidity, m.info, d, target_folder, None, "appending",
+                                     uidnext=uidnext) for m, d in zip(messages, digests)])
+    try:
+        keys = target.append(target_folder, messages)
+    except MessageRefused:
+        if len(messages) == 1:
+            raise
+        # one message of the batch was refused: append them one by one to find it (and keep the rest)
+        copied = size = skipped = 0
+        for message in messages:
+            try:
+                result = _append(job, folder, uidvalidity, target_folder, [message], target, store)
+            except MessageRefused as exc:
+                store.record_messages([_evidence(job, folder, uidvalidity, message.info, sha256(message.raw),
+                                                 target_folder, None, "skipped", f"refused by the target: {exc}")])
+                skipped += 1
+                continue
+            copied, size, skipped = copied + result[0], size + result[1], skipped + result[2]
+        return copied, size, skipped
+    store.record_messages([_evidence(job, folder, uidvalidity, m.info, d, target_folder, k, "copied")
+                           for m, d, k in zip(messages, digests, keys)])
+    return len(messages), sum(len(m.raw) for m in messages), 0
+
+
+def _recover(job: MailboxJob, target_folder: str, pending: Sequence[MessageEvidence], target: MailStore,
+             store: Store) -> None:
+    """Find out which appends of an interrupted batch landed: match them by content in the target folder."""
+    # Target messages that no evidence row claims yet, from where the interrupted appends would be.
+    claimed = {e.target_key for e in store.message_evidence(job.source, job.mailbox, state="copied")
+               if e.target_folder == target_folder and e.target_key is not None}
+    since = min((e.target_uidnext for e in pending if e.target_uidnext is not None), default=0)
+    candidates = [info for info in target.list_messages(target_folder, after_uid=max(since - 1, 0))
+                  if info.key not in claimed]
+    landed: dict[str, list[str]] = defaultdict(list)
+    for message in target.fetch(target_folder, [info.key for info in candidates]):
+        landed[sha256(message.raw)].append(message.info.key)
+    rows = []
+    for e in pending:
+        keys = landed.get(e.sha256)
+        if keys:
+            rows.append(_replace_state(e, "copied", keys.pop(0)))
+        else:
+            rows.append(_replace_state(e, "lost", None))  # not there: it is copied again below
+    store.record_messages([r for r in rows if r.state == "copied"])
+    lost = [r for r in rows if r.state == "lost"]
+    if lost:
+        store.forget_messages([(r.source, r.mailbox, r.folder, r.uidvalidity, r.source_key) for r in lost])
+
+
+def _replace_state(e: MessageEvidence, state: str, target_key: str | None) -> MessageEvidence:
+    """Return an evidence row with another state and target key."""
+    return MessageEvidence(e.source, e.mailbox, e.folder, e.uidvalidity, e.source_key, e.sha256, e.size,
+                           e.internal_date, e.flags, e.target_mailbox, e.target_folder, target_key, state,
+                           e.reason, e.target_uidnext)
+
+
+def _sync_flags(listed: Sequence[MessageInfo], current: dict[str, MessageEvidence], target: MailStore,
+                target_folder: str, store: Store) -> int:
+    """Give copied messages whose flags changed in the source the same flags in the target; return how many."""
+    changed = []
+    for info in listed:
+        e = current.get(info.key)
+        if e is None or e.state != "copied" or e.target_key is None or sorted(e.flags) == sorted(info.flags):
+            continue
+        target.set_flags(e.target_folder, e.target_key, info.flags)
+        changed.append(MessageEvidence(e.source, e.mailbox, e.folder, e.uidvalidity, e.source_key, e.sha256,
+                                       e.size, e.internal_date, tuple(info.flags), e.target_mailbox,
+                                       e.target_folder, e.target_key, e.state, e.reason, e.target_uidnext))
+    if changed:
+        store.record_messages(changed)
+    return len(changed)
+
+
+def _evidence(job: MailboxJob, folder: str, uidvalidity: int, info: MessageInfo, digest: str, target_folder: str,
+              target_key: str | None, state: str, reason: str | None = None,
+              uidnext: int | None = None) -> MessageEvidence:
+    """Build the evidence row of one source message."""
+    return MessageEvidence(job.source, job.mailbox, folder, uidvalidity, info.key, digest, info.size,
+                           info.internal_date.isoformat(), tuple(info.flags), job.target_mailbox, target_folder,
+                           target_key, state, reason, uidnext)
+
+
+@dataclass(frozen=True)
+class FolderCheck:
+    """Verification of one target folder: the source messages it must hold, and those it does not."""
+
+    source_folders: tuple[str, ...]
+    target_folder: str
+    expected: int  # source messages that must be in the target (deliberate skips left out)
+    present: int
+    missing: tuple[tuple[str, str], ...] = ()  # (source folder, source key) not found in the target
+    skipped: tuple[tuple[str, str, str], ...] = ()  # (source folder, source key, reason)
+
+
+@dataclass(frozen=True)
+class MailboxCheck:
+    """Verification of one mailbox."""
+
+    job: MailboxJob
+    folders: tuple[FolderCheck, ...] = ()
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when every source message is in the target or deliberately skipped, and both could be read."""
+        return self.error is None and all(not f.missing for f in self.folders)
+
+
+def verify_mailbox(job: MailboxJob, open_source: Callable[[], MailStore], open_target: Callable[[], MailStore],
+                   store: Store, rules: FolderRules = FolderRules()) -> MailboxCheck:
+    """Re-read both sides and check, per target folder, that the multiset of source hashes is in the target's."""
+    stores = _Stores(open_source, open_target)
+    try:
+        source, target = stores.both()
+        mappings = [m for m in map_folders(source.folders(), target.folders(), rules, target.separator)
+                    if m.target is not None]
+        target_names = {f.name for f in target.folders()}
+        skips = {(e.folder, e.source_key): e.reason or "" for e in store.message_evidence(job.source, job.mailbox)
+                 if e.state == "skipped"}
+        by_target: dict[str, list[FolderMapping]] = defaultdict(list)
+        for mapping in mappings:
+            by_target[mapping.target].append(mapping)  # type: ignore[index]
+        checks = []
+        for target_folder, group in by_target.items():
+            wanted: list[tuple[str, str, str]] = []  # (hash, source folder, key)
+            skipped: list[tuple[str, str, str]] = []
+            for mapping in group:
+                infos = source.list_messages(mapping.source)
+                for message in source.fetch(mapping.source, [i.key for i in infos]):
+                    reason = skips.get((mapping.source, message.info.key))
+                    if reason is not None:
+                        skipped.append((mapping.source, message.info.key, reason))
+                    else:
+                        wanted.append((sha256(message.raw), mapping.source, message.info.key))
+            have: Counter[str] = Counter()
+            if target_folder in target_names:
+                infos = target.list_messages(target_folder)
+                have = Counter(sha256(m.raw) for m in target.fetch(target_folder, [i.key for i in infos]))
+            missing = []
+            for digest, folder, key in wanted:
+                if have[digest] > 0:
+                    have[digest] -= 1
+                else:
+                    missing.append((folder, key))
+            checks.append(FolderCheck(tuple(m.source for m in group), target_folder, len(wanted),
+                                      len(wanted) - len(missing), tuple(missing), tuple(skipped)))
+        return MailboxCheck(job, tuple(checks))
+    except MailboxError as exc:
+        return MailboxCheck(job, error=str(exc))
+    finally:
+        stores.drop()
+
+
