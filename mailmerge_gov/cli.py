@@ -379,7 +379,10 @@ def mailbox_jobs_command(config_path: Path, output: Path | None) -> None:
 def _selected_jobs(config: Config, jobs_file: Path | None, only: tuple[str, ...]) -> list[MailboxJob]:
     """The jobs of a CSV file, or of the newest plan; narrowed to the mailboxes named with --only."""
     if jobs_file is not None:
-        jobs = read_jobs_csv(jobs_file, config)
+        try:
+            jobs = read_jobs_csv(jobs_file, config)
+        except JobsError as exc:
+            raise click.ClickException(str(exc)) from exc
     else:
         with opened(config) as store:
             jobs = [MailboxJob(j.source, j.source_mailbox, j.target_mailbox)
@@ -478,8 +481,10 @@ def mailbox_verify(config_path: Path, jobs_file: Path | None, only: tuple[str, .
         expected = sum(f.expected for f in check.folders)
         present = sum(f.present for f in check.folders)
         skipped = sum(len(f.skipped) for f in check.folders)
+        extra = sum(f.extra for f in check.folders)
         click.echo(f"{job.source}:{job.mailbox} -> {job.target_mailbox}: {present} of {expected} messages found"
-                   + (f", {skipped} skipped with a reason" if skipped else "") + ("" if check.ok else ": MISSING"))
+                   + (f", {skipped} skipped with a reason" if skipped else "")
+                   + (f", {extra} more in the new mailbox" if extra else "") + ("" if check.ok else ": MISSING"))
         for f in check.folders:
             for folder, key in f.missing:
                 click.echo(f"    missing: {folder} {key}")

@@ -413,7 +413,7 @@ class DovecotServer:
     def __init__(self, name: str, users: dict[str, str] | None = None, quota: bool = False,
                  max_mail_size: str | None = None) -> None:
         """Describe the instance; nothing runs until start(). quota: per-user quotas (set_quota);
-        max_mail_size: the largest message APPEND accepts, advertised as APPENDLIMIT ("100k")."""
+        max_mail_size: the largest message APPEND accepts ("100k"); larger ones get NO [LIMIT]."""
         self.name = name
         self.users: dict[str, str] = dict(users or {})
         self.quota = quota or max_mail_size is not None
@@ -603,7 +603,8 @@ service lmtp {{
         if not self.quota:
             return ""
         # count: the quota is counted as mail is saved (no maildirsize file); vsizes is required by count.
-        # quota_max_mail_size makes Dovecot refuse larger APPENDs and advertise APPENDLIMIT.
+        # quota_max_mail_size makes Dovecot refuse larger APPENDs with NO [LIMIT]; 2.3.19 does not advertise
+        # APPENDLIMIT for it (only imap_capability = +APPENDLIMIT=n would).
         limit = f"\n  quota_max_mail_size = {self.max_mail_size}" if self.max_mail_size else ""
         return f"""mail_plugins = $mail_plugins quota
 plugin {{

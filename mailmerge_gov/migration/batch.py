@@ -93,7 +93,7 @@ def run_jobs(config: Config, jobs: Sequence[MailboxJob], workers: int | None = N
             for key in dict.fromkeys((_server_key(source), _server_key(target))):
                 held.enter_context(caps[key])
             outcome = migrate_mailbox(job, store_opener(source, job.mailbox),
-                                      store_opener(target, job.target_mailbox, create=True), store,
+                                      store_opener(target, job.target_mailbox, create=not dry_run), store,
                                       folder_rules(config, job.source), dry_run=dry_run, progress=progress)
         if done is not None:
             done(outcome)

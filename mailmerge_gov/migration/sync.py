@@ -113,16 +113,19 @@ def migrate_mailbox(job: MailboxJob, open_source: Callable[[], MailStore], open_
     stores = _Stores(open_source, open_target)
     outcomes: list[FolderOutcome] = []
     try:
+        if dry_run:
+            outcomes = _dry_run(job, stores, rules, store)
+            return MailboxOutcome(job, "ok", None, tuple(outcomes), time.monotonic() - began)
         source, target = stores.both()
         mappings = map_folders(source.folders(), target.folders(), rules, target.separator)
         for mapping in mappings:
             if mapping.target is None:
                 outcomes.append(FolderOutcome(mapping.source, None, note=mapping.reason))
                 continue
-            for attempt, pause in enumerate((*pauses, None)):
+            for pause in (*pauses, None):
                 try:
                     source, target = stores.both()
-                    outcomes.append(_copy_folder(job, mapping, source, target, store, dry_run, progress))
+                    outcomes.append(_copy_folder(job, mapping, source, target, store, progress))
                     break
                 except ConnectionLost:
                     # the batch in flight is 'appending' in the evidence: the retry finds out whether it landed
@@ -145,8 +148,31 @@ def migrate_mailbox(job: MailboxJob, open_source: Callable[[], MailStore], open_
     return outcome
 
 
+def _dry_run(job: MailboxJob, stores: _Stores, rules: FolderRules, store: Store) -> list[FolderOutcome]:
+    """Say what a pass would copy: every source folder, where it would go, its new messages; nothing written."""
+    source = stores.source = stores.open_source()
+    try:
+        target: MailStore | None = stores.open_target()
+    except MailboxError:
+        target = None  # a mailbox that does not exist yet: the copy would create it
+    stores.target = target
+    mappings = map_folders(source.folders(), target.folders() if target else [], rules,
+                           target.separator if target else "/")
+    outcomes = []
+    for mapping in mappings:
+        infos = []
+        if mapping.target is not None:
+            uidvalidity = source.status(mapping.source).uidvalidity
+            done = {e.source_key for e in store.message_evidence(job.source, job.mailbox, mapping.source)
+                    if e.uidvalidity == uidvalidity and e.state in ("copied", "skipped")}
+            infos = [info for info in source.list_messages(mapping.source) if info.key not in done]
+        outcomes.append(FolderOutcome(mapping.source, mapping.target, copied=len(infos),
+                                      bytes=sum(i.size for i in infos), note=mapping.reason))
+    return outcomes
+
+
 def _copy_folder(job: MailboxJob, mapping: FolderMapping, source: MailStore, target: MailStore, store: Store,
-                 dry_run: bool, progress: Progress | None) -> FolderOutcome:
+                 progress: Progress | None) -> FolderOutcome:
     """Bring one target folder up to date with one source folder."""
     folder, target_folder = mapping.source, mapping.target
     assert target_folder is not None
@@ -159,23 +185,19 @@ def _copy_folder(job: MailboxJob, mapping: FolderMapping, source: MailStore, tar
             and status.highestmodseq is not None and status.highestmodseq == checkpoint.highestmodseq):
         # nothing arrived and no flag changed since the last pass (CONDSTORE): no need to list anything
         return FolderOutcome(folder, target_folder, note=mapping.reason)
-    if not dry_run:
-        target.create_folder(target_folder)
-        if pending:
-            _recover(job, target_folder, pending, target, store)
-            evidence = store.message_evidence(job.source, job.mailbox, folder)
+    target.create_folder(target_folder)
+    if pending:
+        _recover(job, target_folder, pending, target, store)
+        evidence = store.message_evidence(job.source, job.mailbox, folder)
     current = {e.source_key: e for e in evidence if e.uidvalidity == status.uidvalidity and e.state != "appending"}
     listed = source.list_messages(folder)
     new = [info for info in listed if info.key not in current]
     # After a UIDVALIDITY change the old keys name nothing: messages are matched by content with what
     # was copied before, so that nothing is copied twice (multiset: two equal messages need two copies).
     earlier = [e for e in evidence if e.uidvalidity != status.uidvalidity and e.state == "copied"]
-    flags_synced = 0 if dry_run else _sync_flags(listed, current, target, target_folder, store)
+    flags_synced = _sync_flags(listed, current, target, target_folder, store)
     limit = target.append_limit()
     copied = size = skipped = 0
-    if dry_run:
-        return FolderOutcome(folder, target_folder, copied=len(new), bytes=sum(i.size for i in new),
-                             note=mapping.reason)
     skips = [info for info in new if limit is not None and info.size > limit]
     if skips:
         store.record_messages([_evidence(job, folder, status.uidvalidity, info, "", target_folder, None, "skipped",
@@ -331,6 +353,7 @@ class FolderCheck:
     present: int
     missing: tuple[tuple[str, str], ...] = ()  # (source folder, source key) not found in the target
     skipped: tuple[tuple[str, str, str], ...] = ()  # (source folder, source key, reason)
+    extra: int = 0  # target messages no source message accounts for (mail that was there, or a duplicate)
 
 
 @dataclass(frozen=True)
@@ -384,7 +407,8 @@ def verify_mailbox(job: MailboxJob, open_source: Callable[[], MailStore], open_t
                 else:
                     missing.append((folder, key))
             checks.append(FolderCheck(tuple(m.source for m in group), target_folder, len(wanted),
-                                      len(wanted) - len(missing), tuple(missing), tuple(skipped)))
+                                      len(wanted) - len(missing), tuple(missing), tuple(skipped),
+                                      sum(have.values())))
         return MailboxCheck(job, tuple(checks))
     except MailboxError as exc:
         return MailboxCheck(job, error=str(exc))
