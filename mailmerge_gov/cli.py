@@ -415,7 +415,8 @@ def mailbox_migrate(config_path: Path, jobs_file: Path | None, only: tuple[str, 
     jobs = _selected_jobs(config, jobs_file, only)
     console = rich.console.Console(stderr=True)
     with rich.progress.Progress(rich.progress.TextColumn("{task.description}"), rich.progress.BarColumn(),
-                                rich.progress.MofNCompleteColumn(), console=console, transient=True) as bars:
+                                rich.progress.MofNCompleteColumn(), console=console, transient=True,
+                                disable=not console.is_terminal) as bars:  # no bars in logs and pipes
         overall = bars.add_task("mailboxes", total=len(jobs))
         tasks: dict[tuple[str, str], rich.progress.TaskID] = {}
 
