@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import os
 import re
@@ -60,6 +61,26 @@ class ConfigError(Exception):
 
 class SecretError(Exception):
     """A secret named by the configuration cannot be read."""
+
+
+def mailbox_password(path: Path, mailbox: str) -> str:
+    """Return a mailbox's password from a credentials file (CSV: mailbox,password); SecretError otherwise."""
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SecretError(f"cannot read credentials file {path}: {exc.strerror}") from exc
+    # Passwords of every official: like ssh with a private key, refuse a file others can read.
+    if mode & 0o077:
+        raise SecretError(f"credentials file {path} can be read by others (mode {mode & 0o777:o}): chmod 600 it")
+    for number, row in enumerate(csv.reader(text.splitlines()), start=1):
+        if number == 1 and row[:2] == ["mailbox", "password"]:
+            continue
+        if len(row) < 2:
+            raise SecretError(f"credentials file {path}, line {number}: expected mailbox,password")
+        if row[0].strip().lower() == mailbox.lower():
+            return row[1]
+    raise SecretError(f"credentials file {path} has no password for {mailbox}")
 
 
 @dataclass(frozen=True)
@@ -148,6 +169,7 @@ class MailServer:
     timeout: float = 30.0
     max_connections: int = 4
     subtree: str | None = None  # a source's folders go under this target folder ("Lưu trữ/Bình Dương")
+    credentials_file: Path | None = None  # login = "user": each mailbox's own password (CSV mailbox,password)
 
     @property
     def host(self) -> str:
@@ -635,7 +657,11 @@ def _read_mail(table: _Table) -> MailServer:
         ca_file=table.path_value("ca_file"), timeout=_positive(table, "timeout", 30.0),
         max_connections=int(_positive(table, "max_connections", 4, integer=True)),
         subtree=table.text("subtree"),
+        credentials_file=table.path_value("credentials_file"),
     )
+    if server.credentials_file is not None and login != "user":
+        raise table.error("credentials_file", "a credentials file holds the users' own passwords: it goes with "
+                                              "login = \"user\" (a master user or authzid needs none)")
     table.finish()
     return server
 

@@ -96,6 +96,12 @@ ERRORS = [
     pytest.param('login = "master"', 'login = "root"',
                  "36: sources[2].mail.login: unknown login 'root'; choose one of user, master, authzid",
                  id="bad-login"),
+    pytest.param('login = "master"', 'login = "master"\ncredentials_file = "passwords.csv"',
+                 '37: sources[2].mail.credentials_file: a credentials file holds the users\' own passwords: it goes '
+                 'with login = "user" (a master user or authzid needs none)', id="credentials-without-user-login"),
+    pytest.param('state_file = "state.sqlite"', 'state_file = "state.sqlite"\n\n[migration]\nexclude = ["(Spam"]',
+                 "6: migration.exclude: '(Spam' is not a valid regular expression: missing ), unterminated subpattern "
+                 "at position 0", id="bad-folder-regex"),
     pytest.param('keep_addresses_of = ["hcm"]', 'keep_addresses_of = ["tphcm"]',
                  "41: addressing.keep_addresses_of: 'tphcm' is not the name of a [[sources]] table "
                  "(hcm, binhduong)", id="keep-unknown-source"),

@@ -13,6 +13,7 @@ from servers import DovecotServer
 from mailmerge_gov.config import MailServer, Secret
 from mailmerge_gov.migration.folders import FolderRules
 from mailmerge_gov.migration.imap import open_imap
+from mailmerge_gov.migration.protocol import LoginFailed
 from mailmerge_gov.migration.sync import MailboxJob, migrate_mailbox, verify_mailbox
 from mailmerge_gov.store import open_store
 
@@ -219,3 +220,25 @@ def test_verify_finds_a_message_deleted_from_the_target(mailboxes, dovecot_new) 
     check = verify_mailbox(job, source, target, store)
     assert not check.ok
     assert [(f.target_folder, [m[0] for m in f.missing]) for f in check.folders if f.missing] == [("Sent", ["Sent"])]
+
+
+@pytest.mark.parametrize(("content", "mode", "error"), [
+    ("mailbox,password\n{mailbox},pw\n", 0o600, None),
+    ("mailbox,password\n{mailbox},pw\n", 0o644, "can be read by others (mode 644): chmod 600 it"),
+    ("mailbox,password\nother@binhduong.gov.vn,pw\n", 0o600, "has no password for {mailbox}"),
+])
+def test_login_as_the_user_with_a_credentials_file(mailboxes, dovecot_old, tmp_path, content, mode, error) -> None:
+    job, _, _, _ = mailboxes
+    credentials = tmp_path / "credentials.csv"
+    credentials.write_text(content.format(mailbox=job.mailbox), encoding="utf-8")
+    credentials.chmod(mode)
+    server = MailServer(kind="imap", url=f"imap://127.0.0.1:{dovecot_old.imap_port}", login="user",
+                        credentials_file=credentials)
+    if error is None:
+        with open_imap(server, job.mailbox) as store:
+            assert "INBOX" in [f.name for f in store.folders()]
+    else:
+        with pytest.raises(LoginFailed) as caught:
+            open_imap(server, job.mailbox)
+        assert str(caught.value) == (f"imap://127.0.0.1:{dovecot_old.imap_port}: cannot log in for {job.mailbox}: "
+                                     f"credentials file {credentials} " + error.format(mailbox=job.mailbox))

@@ -16,7 +16,7 @@ from imapclient.datetime_util import datetime_to_INTERNALDATE
 from imapclient.imapclient import _literal  # bytes always sent as a literal, never quoted or line-end mapped
 from imapclient.response_parser import parse_fetch_response
 
-from mailmerge_gov.config import IMAP_LOGINS, MailServer, SecretError
+from mailmerge_gov.config import IMAP_LOGINS, MailServer, SecretError, mailbox_password
 from mailmerge_gov.migration.protocol import (
     SPECIAL_USES,
     ConnectionLost,
@@ -70,7 +70,10 @@ def open_imap(server: MailServer, mailbox: str) -> ImapStore:
         raise MailboxError(f"{url or server.kind}: not an IMAP server (no imap:// or imaps:// URL)")
     who = _login_name(server, mailbox)
     try:
-        password = server.password.reveal() if server.password else None
+        if server.login == "user" and server.credentials_file is not None:
+            password: str | None = mailbox_password(server.credentials_file, mailbox)
+        else:
+            password = server.password.reveal() if server.password else None
     except SecretError as exc:
         raise LoginFailed(f"{url}: cannot log in for {mailbox}: {exc}") from exc
     if password is None:
