@@ -676,6 +676,12 @@ class Store:
             self.db.executemany("DELETE FROM mailbox_messages WHERE source = ? AND mailbox = ? AND folder = ?"
                                 " AND uidvalidity = ? AND source_key = ?", keys)
 
+    def claimed_target_keys(self, target_mailbox: str, target_folder: str) -> set[str]:
+        """Return the keys of target messages any job's evidence says it copied into this folder."""
+        rows = self.db.execute("SELECT target_key FROM mailbox_messages WHERE target_mailbox = ? AND target_folder = ?"
+                               " AND state = 'copied' AND target_key IS NOT NULL", (target_mailbox, target_folder))
+        return {row[0] for row in rows}
+
     def message_evidence(self, source: str, mailbox: str, folder: str | None = None,
                          state: str | None = None) -> list[MessageEvidence]:
         """Return the evidence of a mailbox (of one folder, of one state), in folder and key order."""

@@ -81,6 +81,9 @@ def run_jobs(config: Config, jobs: Sequence[MailboxJob], workers: int | None = N
         raise MailboxError(f"{config.path}: [target.mail] is not set: there is nowhere to copy mailboxes to")
     target = config.target.mail
     caps: dict[str, threading.Semaphore] = {}
+    # Jobs that write into one new mailbox (an official with two old ones) run one after the other: the
+    # recovery of an interrupted batch matches messages by content, and must not meet another job's batch.
+    targets = {job.target_mailbox.lower(): threading.Lock() for job in jobs}
     for server in [target] + [s.mail for s in config.sources if s.mail is not None]:
         caps.setdefault(_server_key(server), threading.Semaphore(server.max_connections))
 
@@ -88,7 +91,7 @@ def run_jobs(config: Config, jobs: Sequence[MailboxJob], workers: int | None = N
         source = config.source(job.source).mail
         assert source is not None
         # a state-store connection of the job's own: SQLite connections stay in the thread that opened them
-        with ExitStack() as held, open_store(config.state_file) as store:
+        with ExitStack() as held, targets[job.target_mailbox.lower()], open_store(config.state_file) as store:
             # always the source's cap first, then the target's: no two jobs wait on each other
             for key in dict.fromkeys((_server_key(source), _server_key(target))):
                 held.enter_context(caps[key])

@@ -288,9 +288,9 @@ def _append(job: MailboxJob, folder: str, uidvalidity: int, target_folder: str, 
 def _recover(job: MailboxJob, target_folder: str, pending: Sequence[MessageEvidence], target: MailStore,
              store: Store) -> None:
     """Find out which appends of an interrupted batch landed: match them by content in the target folder."""
-    # Target messages that no evidence row claims yet, from where the interrupted appends would be.
-    claimed = {e.target_key for e in store.message_evidence(job.source, job.mailbox, state="copied")
-               if e.target_folder == target_folder and e.target_key is not None}
+    # Target messages that no evidence row claims yet, from where the interrupted appends would be. Rows of
+    # every job count: an official's two old mailboxes go into one new one, and may hold the same message.
+    claimed = store.claimed_target_keys(job.target_mailbox, target_folder)
     since = min((e.target_uidnext for e in pending if e.target_uidnext is not None), default=0)
     candidates = [info for info in target.list_messages(target_folder, after_uid=max(since - 1, 0))
                   if info.key not in claimed]
