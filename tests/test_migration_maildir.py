@@ -17,8 +17,8 @@ from mailmerge_gov.migration.maildir import (
     encode_mutf7,
     folder_dir_name,
     open_maildir,
-    open_mbox,
 )
+from mailmerge_gov.migration.mbox import open_mbox
 from mailmerge_gov.migration.protocol import FolderInfo, MailboxError, Message, MessageInfo
 from servers import DovecotServer
 

@@ -54,7 +54,7 @@ def store_opener(server: MailServer, mailbox: str, create: bool = False) -> Call
         path = server.path
         return lambda: open_maildir(path, mailbox, create=create)
     if server.kind == "mbox" and server.path is not None:
-        from mailmerge_gov.migration.maildir import open_mbox
+        from mailmerge_gov.migration.mbox import open_mbox
         path = server.path / mailbox
         return lambda: open_mbox(path)
     raise MailboxError(f"mail stores of kind '{server.kind}' cannot be migrated yet")
