@@ -111,12 +111,13 @@ def resolve_identities(records: Sequence[SourceRecord], links: Mapping[str, int]
     keys_of = {record.ref: exact_keys(record) for record in people}  # asked for again and again below
     by_key: dict[str, list[str]] = defaultdict(list)
     for record in people:
-        for key in sorted(keys_of[record.ref]):
+        for key in keys_of[record.ref]:
             by_key[key].append(record.ref)
-    for key in sorted(by_key):
-        refs = by_key[key]
+    # No sorting needed: the groups that come out (and their smallest-ref representatives) do not depend
+    # on the order of the unions.
+    for refs in by_key.values():
         for other in refs[1:]:
-            if tuple(sorted((refs[0], other))) not in different:
+            if not different or tuple(sorted((refs[0], other))) not in different:
                 groups.union(refs[0], other)
     known = {r.ref for r in people}
     for (a, b), decision in sorted(decisions.items()):
