@@ -15,7 +15,7 @@ import imapclient.exceptions
 import ldap3
 import ldap3.core.exceptions
 
-from mailmerge_gov.config import Config, DirectoryConfig, LdapServer, MailServer, SecretError
+from mailmerge_gov.config import Config, DirectoryConfig, LdapServer, MailServer, SecretError, mailbox_password
 from mailmerge_gov.ldapconn import LdapConnectError, failure_reason, open_connection, result_reason
 from mailmerge_gov.store import StoreError, inspect_store
 
@@ -183,11 +183,18 @@ def _check_mail(config: Config, subject: str, server: MailServer, output: bool =
 def _check_imap(subject: str, server: MailServer) -> CheckResult:
     """Connect to an IMAP server and log in the way the migration will."""
     url = server.url or ""
+    per_user = server.login == "user" and server.credentials_file is not None
+    if per_user and not server.probe_mailbox:
+        return CheckResult(subject, url, False, "login = \"user\" with a credentials_file logs in as each mailbox: "
+                                                "set probe_mailbox to one to try")
     try:
-        password = server.password.reveal() if server.password else None
+        if per_user:
+            password = mailbox_password(server.credentials_file, server.probe_mailbox)
+        else:
+            password = server.password.reveal() if server.password else None
     except SecretError as exc:
         return CheckResult(subject, url, False, str(exc))
-    if server.admin_user is None:
+    if server.admin_user is None and not per_user:
         return CheckResult(subject, url, False, "no admin_user configured, so no login can be tried")
     if server.login != "user" and not server.probe_mailbox:
         return CheckResult(subject, url, False,
@@ -207,6 +214,9 @@ def _check_imap(subject: str, server: MailServer) -> CheckResult:
         elif server.login == "authzid":
             who = f"{server.admin_user} for {server.probe_mailbox}"
             client.plain_login(server.admin_user, password, authorization_identity=server.probe_mailbox)
+        elif per_user:
+            who = server.probe_mailbox
+            client.login(server.probe_mailbox, password)  # the way the migration logs in for each mailbox
         else:
             who = server.admin_user
             client.login(server.admin_user, password)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
@@ -27,10 +29,13 @@ from mailmerge_gov.directory.report import write_access_report, write_report
 from mailmerge_gov.directory.sources import SourceError, read_source
 from mailmerge_gov.directory.structure import StructureError, load_structure
 from mailmerge_gov.directory.draft import draft_structure
+from mailmerge_gov.forwarding.addressmap import MapError
+from mailmerge_gov.forwarding.daemon import RelayError, explain, prepare, run
+from mailmerge_gov.forwarding.srs import SrsError
 from mailmerge_gov.migration.batch import JobsError, read_jobs_csv, run_jobs, verify_jobs
 from mailmerge_gov.migration.protocol import MailboxError
 from mailmerge_gov.migration.report import mailbox_reports, write_migration_report
-from mailmerge_gov.migration.sync import MailboxCheck, MailboxJob, MailboxOutcome
+from mailmerge_gov.migration.sync import MailboxCheck, MailboxJob, MailboxOutcome, forget_missing
 from mailmerge_gov.store import Store, StoreError, open_store
 
 # The library's named errors: each carries a message a person can act on.
@@ -466,7 +471,8 @@ def mailbox_migrate(config_path: Path, jobs_file: Path | None, only: tuple[str, 
 @config_option
 @click.option("--from-csv", "jobs_file", type=click.Path(dir_okay=False, path_type=Path), help=JOBS_FILE_HELP)
 @click.option("--only", multiple=True, metavar="MAILBOX", help="Only this old mailbox (or SOURCE:MAILBOX); repeatable.")
-def mailbox_verify(config_path: Path, jobs_file: Path | None, only: tuple[str, ...]) -> None:
+@click.option("--repair", is_flag=True, help="Forget the evidence of missing messages: the next migrate copies them again.")
+def mailbox_verify(config_path: Path, jobs_file: Path | None, only: tuple[str, ...], repair: bool) -> None:
     """Re-read both sides: every old message is in the new mailbox, or listed as skipped with its reason.
 
     Exit code 1 when a message is missing or a mailbox cannot be read.
@@ -497,9 +503,12 @@ def mailbox_verify(config_path: Path, jobs_file: Path | None, only: tuple[str, .
     with opened(config) as store:
         html, data = write_migration_report(mailbox_reports(store, jobs, checks=checks), reports_folder(config),
                                             "mailbox-verify", config.name)
+        forgotten = sum(forget_missing(check, store) for check in checks) if repair else 0
     bad = sum(not c.ok for c in checks)
     click.echo(f"report: {html}\n        {data}")
     click.echo(f"verified {len(checks)} mailboxes: " + (f"{bad} incomplete" if bad else "nothing missing"))
+    if forgotten:
+        click.echo(f"repair: {forgotten} missing messages will be copied again by the next mailbox migrate")
     if bad:
         raise SystemExit(1)
 
@@ -507,6 +516,53 @@ def mailbox_verify(config_path: Path, jobs_file: Path | None, only: tuple[str, .
 @cli.group()
 def relay() -> None:
     """Forward mail sent to old addresses to the officials' new addresses."""
+
+
+RELAY_ERRORS = (ConfigError, SecretError, MapError, SrsError, RelayError)
+
+
+@relay.command("serve")
+@config_option
+def relay_serve(config_path: Path) -> None:
+    """Run the relay in the foreground until SIGTERM.
+
+    Logs one JSON line per transaction on standard error. SIGHUP reloads the config's
+    address map and SRS secrets (a bad map is refused and the old one kept); SIGTERM stops
+    accepting and lets open sessions finish within [relay] shutdown_timeout.
+    """
+    config = read_config(config_path)
+    try:
+        prepared = prepare(config)
+    except RELAY_ERRORS as exc:
+        raise click.ClickException(str(exc)) from exc
+    logger = logging.getLogger("mailmerge_gov.forwarding")
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(logging.Formatter("%(message)s"))
+    logger.addHandler(stream)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        run(prepared)
+    except RelayError as exc:
+        raise click.ClickException(str(exc)) from exc
+    finally:
+        logger.removeHandler(stream)
+
+
+@relay.command("check")
+@config_option
+@click.argument("address")
+@click.option("--date", "day", type=click.DateTime(formats=["%Y-%m-%d"]), default=None,
+              help="Check as on this day (YYYY-MM-DD; default: today).")
+def relay_check(config_path: Path, address: str, day: dt.datetime | None) -> None:
+    """Say what the relay would do with mail for ADDRESS, and the reply it would give."""
+    config = read_config(config_path)
+    try:
+        lines = explain(config, address, day.date() if day else dt.date.today())
+    except RELAY_ERRORS as exc:
+        raise click.ClickException(str(exc)) from exc
+    for line in lines:
+        click.echo(line)
 
 
 def main() -> None:

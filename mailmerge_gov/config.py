@@ -242,6 +242,16 @@ class Relay:
     next_hop: str | None = None
     max_message_size: int = 50 * 1024 * 1024
     max_recipients: int = 100
+    map: Path | None = None  # the address map CSV (old_address,new_address,valid_until)
+    srs_domain: str | None = None  # envelope senders from elsewhere are rewritten onto this domain
+    srs_secrets: tuple[Secret, ...] = ()  # the first signs, all verify (rotation)
+    srs_hash_length: int = 6
+    srs_max_age_days: int = 21
+    timeout: float = 300.0  # a client session's idle limit
+    next_hop_timeout: float = 60.0  # each next-hop command; below `timeout`, so the client gets an answer
+    next_hop_ca_file: Path | None = None  # smtps:// next hop signed by a private CA
+    max_hops: int = 50  # more Received headers than this: a mail loop
+    shutdown_timeout: float = 30.0  # SIGTERM: how long open sessions may take to finish
 
     @property
     def next_hop_host(self) -> str:
@@ -262,6 +272,7 @@ class MigrationPolicy:
     include: tuple[str, ...] = ()  # regular expressions: only matching folders (all when empty)
     exclude: tuple[str, ...] = ()  # regular expressions: folders left out (listed as such)
     jobs: int = 4  # mailboxes copied at once
+    connections: int = 2  # pairs of connections per mailbox, copying folders side by side
 
 
 @dataclass(frozen=True)
@@ -523,6 +534,7 @@ def _read_migration(table: _Table) -> MigrationPolicy:
         include=tuple(_regex(table, "include", p) for p in table.strings("include")),
         exclude=tuple(_regex(table, "exclude", p) for p in table.strings("exclude")),
         jobs=int(_positive(table, "jobs", 4, integer=True)),
+        connections=int(_positive(table, "connections", 2, integer=True)),
     )
     table.finish()
     return policy
@@ -561,7 +573,7 @@ def _read_target(table: _Table) -> Target:
         mail_domain=_domain(table, "mail_domain", table.text("mail_domain", required=True)),
         base_dn=base_dn,
         directory=_read_directory(directory_table, ("ldap", "ldif"), base_dn) if directory_table else None,
-        mail=_read_mail(mail_table) if mail_table else None,
+        mail=_read_mail(mail_table, target=True) if mail_table else None,
     )
     table.finish()
     return target
@@ -627,13 +639,27 @@ def _read_directory(table: _Table, kinds: tuple[str, ...], default_base: str | N
     return directory
 
 
-def _read_mail(table: _Table) -> MailServer:
+def _subtree(table: _Table, target: bool) -> str | None:
+    """Read a source's `subtree`: a folder path of non-empty levels joined by "/"."""
+    subtree = table.text("subtree")
+    if subtree is None:
+        return None
+    if target:
+        raise table.error("subtree", "subtree puts an old mailbox's folders under a folder of the new one: "
+                                     "set it in a source's [sources.mail], not in [target.mail]")
+    if any(not level.strip() for level in subtree.split("/")):
+        raise table.error("subtree", f"'{subtree}' has an empty level: write levels joined by \"/\", "
+                                     "like \"Lưu trữ/Bình Dương\"")
+    return subtree
+
+
+def _read_mail(table: _Table, target: bool = False) -> MailServer:
     """Read a mail table: imap_url, ews_url, maildir or mbox."""
     keys = {"imap_url": "imap", "ews_url": "ews", "maildir": "maildir", "mbox": "mbox"}
     key = table.one_of(tuple(keys), "a mail server")
     kind = keys[key]
     if kind in ("maildir", "mbox"):
-        server = MailServer(kind=kind, path=table.path_value(key), subtree=table.text("subtree"))
+        server = MailServer(kind=kind, path=table.path_value(key), subtree=_subtree(table, target))
         table.finish()
         return server
     url = table.text(key)
@@ -656,7 +682,7 @@ def _read_mail(table: _Table) -> MailServer:
         probe_mailbox=table.text("probe_mailbox"), starttls=starttls,
         ca_file=table.path_value("ca_file"), timeout=_positive(table, "timeout", 30.0),
         max_connections=int(_positive(table, "max_connections", 4, integer=True)),
-        subtree=table.text("subtree"),
+        subtree=_subtree(table, target),
         credentials_file=table.path_value("credentials_file"),
     )
     if server.credentials_file is not None and login != "user":
@@ -687,6 +713,10 @@ def _read_addressing(table: _Table, sources: tuple[Source, ...]) -> Addressing:
 
 def _read_relay(table: _Table) -> Relay:
     """Read [relay]: the forwarding daemon's settings."""
+    for key in table.data:
+        if key.lower() in _LITERAL_SECRET_KEYS:
+            # before anything else: "srs_secret = ..." must be refused as a literal, not reported as missing
+            raise table.error(key, _SECRET_HELP)
     listen = table.text("listen", default="127.0.0.1:2525")
     host, port = _host_port(table, "listen", listen)
     next_hop = table.text("next_hop")
@@ -694,11 +724,48 @@ def _read_relay(table: _Table) -> Relay:
         parts = urlsplit(next_hop)
         if parts.scheme not in ("smtp", "smtps") or not parts.hostname:
             raise table.error("next_hop", f"'{next_hop}' is not an smtp:// or smtps:// URL with a host")
+    srs_domain = table.text("srs_domain")
+    raw_secrets = table.data.get("srs_secrets")
+    if raw_secrets is not None and not (isinstance(raw_secrets, list) and all(isinstance(x, dict) for x in raw_secrets)):
+        # Never echo the value: it is most likely the secret itself, written into the file.
+        raise table.error("srs_secrets", _SECRET_HELP + "; write each as [[relay.srs_secrets]] with one of them")
+    srs_tables = table.tables("srs_secrets")
+    secrets = []
+    for entry in srs_tables:
+        secret = entry.secret()
+        if secret is None:
+            raise entry.error(None, "each SRS secret needs password_env or password_file")
+        entry.finish()
+        secrets.append(secret)
+    if srs_domain is not None and not secrets:
+        raise table.error("srs_domain", "srs_domain needs srs_secrets: [[relay.srs_secrets]] with password_env "
+                                        "or password_file (the first signs, all verify)")
+    if secrets and srs_domain is None:
+        raise table.error("srs_secrets", "srs_secrets are used only with srs_domain")
+    hash_length = int(_positive(table, "srs_hash_length", 6, integer=True))
+    if not 4 <= hash_length <= 27:
+        raise table.error("srs_hash_length", f"must be 4 to 27 characters, got {hash_length}")
+    max_age = int(_positive(table, "srs_max_age_days", 21, integer=True))
+    if max_age > 1000:
+        # SRS timestamps count days modulo 1024: an older address could not be told from a new one.
+        raise table.error("srs_max_age_days", f"must be at most 1000 days, got {max_age}")
+    timeout = _positive(table, "timeout", 300.0)
+    next_hop_timeout = _positive(table, "next_hop_timeout", 60.0)
+    if next_hop_timeout >= timeout:
+        # The session timer keeps running while the relay waits for the next hop.
+        raise table.error("next_hop_timeout", f"must be shorter than timeout ({timeout:g} s), got {next_hop_timeout:g}")
     relay = Relay(
         listen_host=host, listen_port=port, hostname=table.text("hostname", default="localhost"),
         next_hop=next_hop,
         max_message_size=int(_positive(table, "max_message_size", 50 * 1024 * 1024, integer=True)),
         max_recipients=int(_positive(table, "max_recipients", 100, integer=True)),
+        map=table.path_value("map"),
+        srs_domain=_domain(table, "srs_domain", srs_domain) if srs_domain is not None else None,
+        srs_secrets=tuple(secrets), srs_hash_length=hash_length, srs_max_age_days=max_age,
+        timeout=timeout, next_hop_timeout=next_hop_timeout,
+        next_hop_ca_file=table.path_value("next_hop_ca_file"),
+        max_hops=int(_positive(table, "max_hops", 50, integer=True)),
+        shutdown_timeout=_positive(table, "shutdown_timeout", 30.0),
     )
     table.finish()
     return relay

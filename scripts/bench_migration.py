@@ -16,12 +16,13 @@ Steps:
   (most 2-20 KB of text, some with base64 attachments of 100 KB to 1 MB); \\Seen, \\Answered, \\Flagged and a
   keyword mixed; every INTERNALDATE distinct; a few exact duplicates and a few messages without Message-ID.
 - mailmerge-gov: `mailbox migrate` A -> B from a jobs CSV, in a child process (wall time, CPU and peak RSS
-  through wait4); the same command again (nothing new); `mailbox verify`. Then the benchmark reads A and B
+  through wait4, and the CPU the two Dovecots spent meanwhile); the same command again (nothing new);
+  `mailbox verify`. Then the benchmark reads A and B
   itself: per folder, the multiset of SHA-256 of BODY.PEEK[] must be the same, and so must flags and
   INTERNALDATE.
 - mbsync (isync, shared/server-notes.md section 5: Far/Near, SyncState, PipelineDepth 50, master login):
-  A -> C, first run and second run. mbsync adds an X-TUID header to every copy, so its copies are compared
-  with that header taken out, and the number of messages that differ from the source is reported.
+  A -> C, first run (measured as mailmerge-gov's) and second run. mbsync adds an X-TUID header to every copy,
+  so its copies are compared with that header taken out, and the number of messages that differ is reported.
 - --profile: one more first pass, into a fourth Dovecot D, under cProfile; the top costs are printed after the
   table (not in the table's timings: the profiler slows the command down).
 
@@ -61,9 +62,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' private Dovecot (tests/ is not a package)
 
 import imapclient  # noqa: E402
-from servers import DovecotServer, require_program  # noqa: E402
+from servers import DovecotServer, group_members, require_program  # noqa: E402
 
-from mailmerge_gov.config import load_config  # noqa: E402
+from mailmerge_gov.config import ConfigError, load_config  # noqa: E402
 
 EXAMPLE = ROOT / "examples" / "hcm-merger"
 ADDRESS = "bulk@binhduong.gov.vn"
@@ -156,6 +157,15 @@ class Generated:
 
 
 # ------------------------------------------------------------------------------------------------ the mailbox
+
+
+def connect(server: DovecotServer) -> imapclient.IMAPClient:
+    """An IMAP connection of the benchmark's own to one of its servers."""
+    client = imapclient.IMAPClient(server.host, port=server.imap_port, ssl=False, timeout=60)
+    # imapclient sets imaplib's debug level to 5, and imaplib then formats the repr() of every response, message
+    # bodies included, before the logger drops it: seconds of CPU for the benchmark's own reading of 300 MB
+    client._imap.debug = 0
+    return client
 
 
 def ascii_fold(text: str) -> str:
@@ -266,15 +276,15 @@ def make_message(rng: random.Random, pool: list[bytes], folder: str, when: dt.da
     return head + first + part + end
 
 
-def message_size(rng: random.Random) -> tuple[str, int, bool]:
-    """Draw a size class and a size in it: (class name, bytes, with an attachment)."""
+def message_size(rng: random.Random) -> tuple[int, bool]:
+    """Draw a size class and a size in it: (bytes, with an attachment)."""
     pick = rng.random()
-    for name, share, low, high, attachment in SIZE_CLASSES:
+    for _name, share, low, high, attachment in SIZE_CLASSES:
         if pick < share:
-            return name, int(low * (high / low) ** rng.random()), attachment
+            return int(low * (high / low) ** rng.random()), attachment
         pick -= share
-    name, _share, low, _high, attachment = SIZE_CLASSES[-1]
-    return name, low, attachment
+    _name, _share, low, _high, attachment = SIZE_CLASSES[-1]  # the shares' rounding left a sliver
+    return low, attachment
 
 
 def flags_for(rng: random.Random, folder: str) -> list[bytes]:
@@ -315,7 +325,7 @@ def generate(server: DovecotServer, password: str, messages: int, folders: int, 
     pending_bytes: collections.Counter[str] = collections.Counter()
     last: dict[str, bytes] = {}
     when = dt.datetime(2023, 1, 3, 7, 30, tzinfo=ICT)
-    with imapclient.IMAPClient(server.host, port=server.imap_port, ssl=False, timeout=60) as client:
+    with connect(server) as client:
         client.login(ADDRESS, password)
         for name in names[1:]:
             client.create_folder(name)
@@ -334,7 +344,7 @@ def generate(server: DovecotServer, password: str, messages: int, folders: int, 
                 raw = last[folder]
                 result.duplicates += 1
             else:
-                _name, size, attachment = message_size(rng)
+                size, attachment = message_size(rng)
                 raw = make_message(rng, pool, folder, when, size, attachment, index not in without_id)
                 result.without_id += index in without_id
                 result.with_attachment += attachment
@@ -370,7 +380,7 @@ class Snapshot:
 def snapshot(server: DovecotServer, strip_x_tuid: bool = False) -> Snapshot:
     """Read every message of the mailbox through the master user; digest bodies (with X-TUID taken out if asked)."""
     result = Snapshot({})
-    with imapclient.IMAPClient(server.host, port=server.imap_port, ssl=False, timeout=60) as client:
+    with connect(server) as client:
         client.normalise_times = False  # aware datetimes: compared as instants, whatever zone the server says
         client.login(server.master_login(ADDRESS), server.master_password)
         for flags, _delimiter, name in client.list_folders():
@@ -579,6 +589,39 @@ def run_child(args: list[str], folder: Path, name: str, ok_codes: tuple[int, ...
     return Run(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, output, child.returncode)
 
 
+def server_cpu(server: DovecotServer) -> float:
+    """CPU seconds of a Dovecot: its master's own and those of its children it has reaped (the imap processes)."""
+    assert server.proc is not None
+    # An imap process ends with its connection, but its time reaches the master's cutime only once the master
+    # has reaped it: wait (bounded) until no imap process of the instance is left.
+    for _ in range(200):
+        if not [pid for pid, state, _ppid in group_members(server.proc.pid)
+                if state != "Z" and process_name(pid) == "imap"]:
+            break
+        time.sleep(0.01)
+    fields = Path(f"/proc/{server.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    # after the name: state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime cutime cstime
+    return sum(int(value) for value in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def process_name(pid: int) -> str:
+    """The command name of a process, "" when it is gone."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def run_between(args: list[str], folder: Path, name: str, source: DovecotServer, target: DovecotServer,
+                ok_codes: tuple[int, ...] = (0,)) -> tuple[Run, float, float]:
+    """Run a copier; return its Run and the CPU seconds the source and the target Dovecot spent meanwhile."""
+    # The copiers differ in how they keep the servers busy (mbsync pipelines one APPEND per message,
+    # mailmerge-gov alternates FETCH and MULTIAPPEND batches): the servers' CPU tells where the wall time goes.
+    before = server_cpu(source), server_cpu(target)
+    run = run_child(args, folder, name, ok_codes)
+    return run, server_cpu(source) - before[0], server_cpu(target) - before[1]
+
+
 def migrate_args(config: Path, jobs: Path) -> list[str]:
     """The command line of one `mailbox migrate`, the way an administrator runs it."""
     return ["-m", "mailmerge_gov", "mailbox", "migrate", "-c", str(config), "--from-csv", str(jobs)]
@@ -661,7 +704,8 @@ def benchmark(folder: Path, messages: int, folders: int, seed: int, with_profile
         config = write_config(folder, "bench", source, ours)
         jobs = write_jobs(folder)
         python = sys.executable
-        first = run_child([python, *migrate_args(config, jobs)], folder, "migrate-1")
+        first, first_src, first_dst = run_between([python, *migrate_args(config, jobs)], folder, "migrate-1", source,
+                                                   ours)
         copied, copied_bytes = copied_by(first)
         print(f"mailmerge-gov first pass: {first.seconds:.1f} s, copied {copied:,} messages", flush=True)
         second = run_child([python, *migrate_args(config, jobs)], folder, "migrate-2")
@@ -674,7 +718,8 @@ def benchmark(folder: Path, messages: int, folders: int, seed: int, with_profile
         verify_ok = check.code == 0 and verified.endswith("nothing missing")
 
         rc = write_mbsyncrc(folder, source, theirs)
-        sync1 = run_child([mbsync, "-c", str(rc), "-q", "mig"], folder, "mbsync-1")
+        sync1, sync_src, sync_dst = run_between([mbsync, "-c", str(rc), "-q", "mig"], folder, "mbsync-1", source,
+                                                 theirs)
         print(f"mbsync first run: {sync1.seconds:.1f} s", flush=True)
         sync2 = run_child([mbsync, "-c", str(rc), "-q", "mig"], folder, "mbsync-2")
 
@@ -697,9 +742,11 @@ def benchmark(folder: Path, messages: int, folders: int, seed: int, with_profile
                 verdict(rate >= SPEED_RATIO * reference) + f" ({rate / reference:.2f}x)"),
             Row("     CPU (user+sys) and peak RSS of the command", f"{first.cpu:,.1f} s",
                 f"{first.max_rss / 1e6:,.0f} MB"),
+            Row("     CPU of the source and target Dovecot meanwhile", f"{first_src:,.1f} s", f"{first_dst:,.1f} s"),
             Row(f"mbsync first run: {mbsync_copied:,} messages", f"{sync1.seconds:,.1f} s",
                 rates(mbsync_copied, other.bytes, sync1.seconds)),
             Row("     CPU (user+sys) and peak RSS of mbsync", f"{sync1.cpu:,.1f} s", f"{sync1.max_rss / 1e6:,.0f} MB"),
+            Row("     CPU of the source and target Dovecot meanwhile", f"{sync_src:,.1f} s", f"{sync_dst:,.1f} s"),
             Row(f"mailmerge-gov second pass: {again} copied", f"{second.seconds:,.2f} s", "",
                 f"<= {SECOND_PASS_SECONDS:.0f} s", verdict(second.seconds <= SECOND_PASS_SECONDS and again == 0)),
             Row("mbsync second run", f"{sync2.seconds:,.2f} s"),
@@ -715,8 +762,7 @@ def benchmark(folder: Path, messages: int, folders: int, seed: int, with_profile
                         "yes", verdict(identical)))
         rows.append(Row("mailmerge-gov flags and INTERNALDATE", "same" if ours_vs.meta_differ == 0
                         else f"{ours_vs.meta_differ} differ", "", "same", verdict(ours_vs.meta_differ == 0)))
-        rows.append(Row("mbsync copies that differ from the source", f"{other.x_tuid:,} of {mbsync_copied:,}",
-                        "X-TUID header added"))
+        rows.append(Row("mbsync copies not byte-identical (X-TUID added)", f"{other.x_tuid:,} of {mbsync_copied:,}"))
         rows.append(Row("     differing once X-TUID is taken out",
                         f"{theirs_vs.bodies_differ:,}" + (f", {theirs_vs.missing:,} missing" if theirs_vs.missing
                                                            else "")
@@ -743,11 +789,13 @@ def versions() -> str:
     return f"Dovecot {dovecot[0] if dovecot else '?'}, {(isync.stdout or isync.stderr).strip() or 'mbsync ?'}"
 
 
-def print_table(rows: list[Row], messages: int, folders: int) -> None:
+def print_table(rows: list[Row], messages: int, folders: int, loads: tuple[float, float]) -> None:
     """Print the figures side by side."""
     print(f"\nmailmerge-gov mailbox migration benchmark: {messages:,} messages in {folders} folders, "
           f"{os.cpu_count()} cores, Python {platform.python_version()}, {versions()}, "
           "Dovecot mail_fsync = never")
+    # the copiers and the three Dovecots share the machine's cores: other work on it moves every figure
+    print(f"load average (1 min) before and after: {loads[0]:.2f}, {loads[1]:.2f}")
     heading = Row("step", "figure", "rate", "target", "verdict")
     widths = [max(len(getattr(row, name)) for row in [heading, *rows])
               for name in ("step", "figure", "rate", "target", "verdict")]
@@ -772,9 +820,11 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.folders <= 100:
         parser.error("--folders: from 1 to 100")
     folder = Path(tempfile.mkdtemp(prefix="mmg-bench-mail-"))
+    load_before = os.getloadavg()[0]
     try:
         rows, report = benchmark(folder, args.messages, args.folders, args.seed, args.profile)
-    except (RuntimeError, subprocess.CalledProcessError, imapclient.exceptions.IMAPClientError, OSError) as exc:
+    except (RuntimeError, ConfigError, subprocess.CalledProcessError, imapclient.exceptions.IMAPClientError,
+            OSError) as exc:
         print(f"benchmark stopped: {exc}", file=sys.stderr)
         return 1
     finally:
@@ -782,7 +832,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kept: {folder}")
         else:
             shutil.rmtree(folder, ignore_errors=True)
-    print_table(rows, args.messages, args.folders)
+    print_table(rows, args.messages, args.folders, (load_before, os.getloadavg()[0]))
     if report:
         print("\n" + report)
     return 0

@@ -99,6 +99,9 @@ ERRORS = [
     pytest.param('login = "master"', 'login = "master"\ncredentials_file = "passwords.csv"',
                  '37: sources[2].mail.credentials_file: a credentials file holds the users\' own passwords: it goes '
                  'with login = "user" (a master user or authzid needs none)', id="credentials-without-user-login"),
+    pytest.param('login = "master"', 'login = "master"\nsubtree = "Lưu trữ//Bình Dương"',
+                 '37: sources[2].mail.subtree: \'Lưu trữ//Bình Dương\' has an empty level: write levels joined by '
+                 '"/", like "Lưu trữ/Bình Dương"', id="subtree-with-an-empty-level"),
     pytest.param('state_file = "state.sqlite"', 'state_file = "state.sqlite"\n\n[migration]\nexclude = ["(Spam"]',
                  "6: migration.exclude: '(Spam' is not a valid regular expression: missing ), unterminated subpattern "
                  "at position 0", id="bad-folder-regex"),

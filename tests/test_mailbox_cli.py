@@ -122,3 +122,18 @@ def _evidence_rows(state: Path) -> int:
             return db.execute("SELECT COUNT(*) FROM mailbox_messages").fetchone()[0]
     except sqlite3.Error:
         return 0
+
+
+def test_verify_repair_makes_the_next_pass_copy_a_lost_message_again(planned: str, example_copy: Path) -> None:
+    run("mailbox", "migrate", "-c", planned, "--only", "annv@hcm.gov.vn")
+    [lost] = sorted((example_copy / "out" / "mail" / "annv@hcm.gov.vn" / ".Trash" / "cur").iterdir())[:1]
+    size = lost.stat().st_size
+    lost.unlink()
+    code, output = run("mailbox", "verify", "-c", planned, "--only", "annv@hcm.gov.vn", "--repair")
+    assert code == 1
+    assert output.splitlines()[0] == "hcm:annv@hcm.gov.vn -> annv@hcm.gov.vn: 22 of 23 messages found: MISSING"
+    assert output.splitlines()[-1] == "repair: 1 missing messages will be copied again by the next mailbox migrate"
+    code, output = run("mailbox", "migrate", "-c", planned, "--only", "annv@hcm.gov.vn")
+    assert output.splitlines()[0] == f"hcm:annv@hcm.gov.vn -> annv@hcm.gov.vn: copied 1 messages ({size} bytes)"
+    code, output = run("mailbox", "verify", "-c", planned, "--only", "annv@hcm.gov.vn")
+    assert (code, output.splitlines()[-1]) == (0, "verified 1 mailboxes: nothing missing")

@@ -242,3 +242,28 @@ def test_login_as_the_user_with_a_credentials_file(mailboxes, dovecot_old, tmp_p
             open_imap(server, job.mailbox)
         assert str(caught.value) == (f"imap://127.0.0.1:{dovecot_old.imap_port}: cannot log in for {job.mailbox}: "
                                      f"credentials file {credentials} " + error.format(mailbox=job.mailbox))
+
+
+def test_a_folder_reset_is_matched_by_content_and_its_flag_changes_follow(example_dir, tmp_path) -> None:
+    import shutil
+
+    from mailmerge_gov.migration.maildir import open_maildir
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    shutil.copytree(example_dir / "sources" / "hcm" / "mail" / "annv@hcm.gov.vn", old / "annv@hcm.gov.vn")
+    job = MailboxJob("hcm", "annv@hcm.gov.vn", "annv@hcm.gov.vn")
+    source, target = (lambda: open_maildir(old, job.mailbox)), (lambda: open_maildir(new, job.target_mailbox, True))
+    with open_store(tmp_path / "state.sqlite") as store:
+        assert migrate_mailbox(job, source, target, store).copied == 23
+        trash = old / job.mailbox / ".Trash"
+        [first] = sorted((trash / "cur").iterdir())[:1]
+        first.rename(first.with_name(first.name.split(":2,")[0] + ":2,FS"))
+        shutil.copytree(trash, tmp_path / "moved")  # the folder is rebuilt: a new UIDVALIDITY
+        shutil.rmtree(trash)
+        (tmp_path / "moved").rename(trash)
+        again = migrate_mailbox(job, source, target, store)
+        assert (again.status, again.copied) == ("ok", 0)
+        flags = sorted(info.flags for info in target().list_messages("Trash"))
+        assert flags == sorted(info.flags for info in source().list_messages("Trash"))
+        assert ("\\Seen", "\\Flagged") in flags
+        assert verify_mailbox(job, source, target, store).ok

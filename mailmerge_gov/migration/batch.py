@@ -81,23 +81,31 @@ def run_jobs(config: Config, jobs: Sequence[MailboxJob], workers: int | None = N
         raise MailboxError(f"{config.path}: [target.mail] is not set: there is nowhere to copy mailboxes to")
     target = config.target.mail
     caps: dict[str, threading.Semaphore] = {}
+    limits: dict[str, int] = {}
+    gate = threading.Lock()  # one job takes all its connection slots at a time: no two wait on each other
     # Jobs that write into one new mailbox (an official with two old ones) run one after the other: the
     # recovery of an interrupted batch matches messages by content, and must not meet another job's batch.
     targets = {job.target_mailbox.lower(): threading.Lock() for job in jobs}
     for server in [target] + [s.mail for s in config.sources if s.mail is not None]:
         caps.setdefault(_server_key(server), threading.Semaphore(server.max_connections))
+        limits.setdefault(_server_key(server), server.max_connections)
 
     def run(job: MailboxJob) -> MailboxOutcome:
         source = config.source(job.source).mail
         assert source is not None
         # a state-store connection of the job's own: SQLite connections stay in the thread that opened them
+        keys = list(dict.fromkeys((_server_key(source), _server_key(target))))
+        # each connection pair takes a slot on both servers; never more than a server allows
+        connections = max(1, min([config.migration.connections] + [limits[key] for key in keys]))
         with ExitStack() as held, targets[job.target_mailbox.lower()], open_store(config.state_file) as store:
-            # always the source's cap first, then the target's: no two jobs wait on each other
-            for key in dict.fromkeys((_server_key(source), _server_key(target))):
-                held.enter_context(caps[key])
+            with gate:
+                for key in keys:
+                    for _ in range(connections):
+                        held.enter_context(caps[key])
             outcome = migrate_mailbox(job, store_opener(source, job.mailbox),
                                       store_opener(target, job.target_mailbox, create=not dry_run), store,
-                                      folder_rules(config, job.source), dry_run=dry_run, progress=progress)
+                                      folder_rules(config, job.source), dry_run=dry_run, progress=progress,
+                                      connections=connections)
         if done is not None:
             done(outcome)
         return outcome

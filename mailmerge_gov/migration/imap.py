@@ -38,6 +38,9 @@ FETCH_BYTES = 20 << 20
 
 _ITEMS_LISTED = "(UID RFC822.SIZE FLAGS INTERNALDATE)"
 _ITEMS_FETCHED = "(UID RFC822.SIZE FLAGS INTERNALDATE BODY.PEEK[])"  # PEEK: reading must not set \Seen
+# The same for messages the last listing described: their size, flags and date are known already, and
+# parsing them again for every body was a sixth of the client's time copying a mailbox.
+_BODY_FETCHED = "(UID BODY.PEEK[])"
 # Dovecot ends every tagged answer with its timings, "(0.001 + 0.000 secs)": noise in an error message.
 _TIMINGS = re.compile(r"\s*\(\d+\.\d+(?: \+ \d+\.\d+)* secs\)")
 _FAILED = re.compile(r"^[a-z]+ failed: ")
@@ -53,7 +56,14 @@ _TOO_BIG_WORDS = re.compile(r"too (large|big)|maximum size|size limit", re.IGNOR
 
 
 class _Client(imapclient.IMAPClient):
-    """IMAPClient whose errors keep the server's words in UTF-8."""
+    """IMAPClient whose errors keep the server's words in UTF-8, and that does not trace its traffic."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # imapclient sets imaplib's debug level to 5 and sends the trace to a logger: imaplib then formats a
+        # repr of every line and message it reads (40% of the client's time copying a mailbox) for a logger
+        # that drops it, and with DEBUG logging on, the LOGIN line with its password would reach the log.
+        self._imap.debug = 0
 
     def _check_resp(self, expected: str, command: str, typ: str, data: list[Any]) -> None:
         """Raise IMAPClientError when a command did not end with `expected`."""
@@ -156,6 +166,7 @@ class ImapStore:
         self._writable = False
         self._known: set[str] = set()  # folders known to exist, so create_folder need not ask again
         self._sizes: dict[str, dict[int, int]] = {}  # sizes from the last listing, to size FETCH batches
+        self._listed: dict[str, dict[int, MessageInfo]] = {}  # the last listing of each folder
         with self._errors("read capabilities"):
             caps = set(client.capabilities())
             self._condstore = b"CONDSTORE" in caps
@@ -218,22 +229,26 @@ class ImapStore:
         infos = [self._info(uid, data, folder) for uid, data in sorted(fetched.items())
                  if uid > after_uid and b"RFC822.SIZE" in data]
         self._sizes[folder] = {info.uid: info.size for info in infos if info.uid is not None}
+        self._listed[folder] = {info.uid: info for info in infos if info.uid is not None}
         return infos
 
     def fetch(self, folder: str, keys: Sequence[str]) -> Iterator[Message]:
         """Yield the messages with these keys, raw bytes as stored, in the order asked; vanished ones are left out."""
         uids = [self._uid_of(folder, key) for key in keys]
         sizes = self._sizes.get(folder, {})
+        listed = self._listed.get(folder, {})
         for batch in _batches(uids, sizes):
+            items = _BODY_FETCHED if all(uid in listed for uid in batch) else _ITEMS_FETCHED
             with self._errors("fetch messages", folder):
                 self._select(folder)
-                fetched = self._uid_fetch(_uid_set(batch), _ITEMS_FETCHED)
+                fetched = self._uid_fetch(_uid_set(batch), items)
                 missing = [uid for uid in batch if uid not in fetched]
                 if missing:
                     # messages that arrived after the SELECT are unknown to this session until a NOOP
                     self._live().noop()
-                    fetched.update(self._uid_fetch(_uid_set(missing), _ITEMS_FETCHED))
-                messages = [Message(self._info(uid, fetched[uid], folder), fetched[uid][b"BODY[]"])
+                    fetched.update(self._uid_fetch(_uid_set(missing), items))
+                messages = [Message(listed[uid] if items == _BODY_FETCHED else self._info(uid, fetched[uid], folder),
+                                    fetched[uid][b"BODY[]"])
                             for uid in batch if isinstance(fetched.get(uid, {}).get(b"BODY[]"), bytes)]
             # outside the error mapping: an exception of the caller's loop is not the server's
             yield from messages

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
+import threading
 import time
 from collections import Counter, defaultdict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 from mailmerge_gov.migration.folders import FolderMapping, FolderRules, map_folders
-from mailmerge_gov.migration.protocol import (ConnectionLost, MailboxError, MailStore, Message, MessageInfo,
-                                              MessageRefused)
-from mailmerge_gov.store import FolderCheckpoint, MailboxResult, MessageEvidence, Store
+from mailmerge_gov.migration.protocol import (ConnectionLost, FolderStatus, MailboxError, MailStore, Message,
+                                              MessageInfo, MessageRefused)
+from mailmerge_gov.store import FolderCheckpoint, MailboxResult, MessageEvidence, Store, open_store
 
 # Messages per FETCH and APPEND round; a batch is also what a kill -9 can leave half done.
 BATCH_MESSAGES = 200
@@ -107,8 +111,12 @@ def sha256(raw: bytes) -> str:
 
 def migrate_mailbox(job: MailboxJob, open_source: Callable[[], MailStore], open_target: Callable[[], MailStore],
                     store: Store, rules: FolderRules = FolderRules(), dry_run: bool = False,
-                    progress: Progress | None = None, pauses: Sequence[float] = RETRY_PAUSES) -> MailboxOutcome:
-    """Copy what is new in one mailbox and sync changed flags; record evidence; never raise for the mailbox's own faults."""
+                    progress: Progress | None = None, pauses: Sequence[float] = RETRY_PAUSES,
+                    connections: int = 1) -> MailboxOutcome:
+    """Copy what is new in one mailbox and sync changed flags; record evidence; never raise for the mailbox's own faults.
+
+    `connections` pairs of connections (source and target) copy folders side by side.
+    """
     began = time.monotonic()
     stores = _Stores(open_source, open_target)
     outcomes: list[FolderOutcome] = []
@@ -118,21 +126,20 @@ def migrate_mailbox(job: MailboxJob, open_source: Callable[[], MailStore], open_
             return MailboxOutcome(job, "ok", None, tuple(outcomes), time.monotonic() - began)
         source, target = stores.both()
         mappings = map_folders(source.folders(), target.folders(), rules, target.separator)
+        outcomes = [FolderOutcome(m.source, None, note=m.reason) for m in mappings if m.target is None]
+        # Folders that go into one target folder are copied by one worker, one after the other: the
+        # recovery of an interrupted batch matches by content and must not meet another folder's batch.
+        groups: dict[str, list[FolderMapping]] = defaultdict(list)
         for mapping in mappings:
-            if mapping.target is None:
-                outcomes.append(FolderOutcome(mapping.source, None, note=mapping.reason))
-                continue
-            for pause in (*pauses, None):
-                try:
-                    source, target = stores.both()
-                    outcomes.append(_copy_folder(job, mapping, source, target, store, progress))
-                    break
-                except ConnectionLost:
-                    # the batch in flight is 'appending' in the evidence: the retry finds out whether it landed
-                    stores.drop()
-                    if pause is None:
-                        raise
-                    time.sleep(pause)
+            if mapping.target is not None:
+                groups[mapping.target].append(mapping)
+        work = list(groups.values())
+        workers = max(1, min(connections, len(work)))
+        if workers == 1:
+            for group in work:
+                outcomes += _copy_group(job, group, stores, store, progress, pauses)
+        else:
+            outcomes += _copy_side_by_side(job, work, stores, store, progress, pauses, workers)
         outcome = MailboxOutcome(job, "ok", None, tuple(outcomes), time.monotonic() - began)
     except MailboxError as exc:
         outcome = MailboxOutcome(job, "failed", str(exc), tuple(outcomes), time.monotonic() - began)
@@ -146,6 +153,63 @@ def migrate_mailbox(job: MailboxJob, open_source: Callable[[], MailStore], open_
             sum(e.size for e in copied), sum(e.state == "skipped" for e in evidence), round(outcome.seconds, 3),
             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())))
     return outcome
+
+
+def _copy_group(job: MailboxJob, group: Sequence[FolderMapping], stores: _Stores, store: Store,
+                progress: Progress | None, pauses: Sequence[float]) -> list[FolderOutcome]:
+    """Copy the source folders of one target folder, reconnecting after a dropped connection."""
+    outcomes = []
+    for mapping in group:
+        for pause in (*pauses, None):
+            try:
+                source, target = stores.both()
+                outcomes.append(_copy_folder(job, mapping, source, target, store, progress))
+                break
+            except ConnectionLost:
+                # the batch in flight is 'appending' in the evidence: the retry finds out whether it landed
+                stores.drop()
+                if pause is None:
+                    raise
+                time.sleep(pause)
+    return outcomes
+
+
+def _copy_side_by_side(job: MailboxJob, work: list[list[FolderMapping]], stores: _Stores, store: Store,
+                       progress: Progress | None, pauses: Sequence[float], workers: int) -> list[FolderOutcome]:
+    """Copy groups of folders on several pairs of connections; the first failure stops the others."""
+    queue = list(reversed(work))
+    taking = threading.Lock()
+    failed = threading.Event()
+
+    def worker(index: int) -> list[FolderOutcome]:
+        # worker 0 uses the connections already open; the others open their own pair, and their own
+        # state-store connection (SQLite connections stay in their thread)
+        own = stores if index == 0 else _Stores(stores.open_source, stores.open_target)
+        done: list[FolderOutcome] = []
+        try:
+            with contextlib.ExitStack() as held:
+                state = store if index == 0 else held.enter_context(open_store(store.path))
+                while not failed.is_set():
+                    with taking:
+                        if not queue:
+                            break
+                        group = queue.pop()
+                    done += _copy_group(job, group, own, state, progress, pauses)
+        except BaseException:
+            failed.set()
+            raise
+        finally:
+            if own is not stores:
+                own.drop()
+        return done
+
+    # worker 0 runs in this thread: it uses this thread's connections and state store
+    with ThreadPoolExecutor(workers - 1, thread_name_prefix="folders") as pool:
+        futures = [pool.submit(worker, index) for index in range(1, workers)]
+        outcomes = worker(0)  # a failure here stops the others (failed is set) before the pool is left
+    for future in futures:
+        outcomes += future.result()  # raises a failure of another worker, after every worker stopped
+    return outcomes
 
 
 def _dry_run(job: MailboxJob, stores: _Stores, rules: FolderRules, store: Store) -> list[FolderOutcome]:
@@ -211,35 +275,58 @@ def _copy_folder(job: MailboxJob, mapping: FolderMapping, source: MailStore, tar
     for e in earlier:
         matchable[e.sha256].append(e)
     done = 0
-    for batch in _batches(todo):
-        messages = list(source.fetch(folder, [info.key for info in batch]))
-        fresh: list[Message] = []
-        for message in messages:
-            digest = sha256(message.raw)
-            if matchable.get(digest) and reused[digest] < len(matchable[digest]):
-                old = matchable[digest][reused[digest]]
-                reused[digest] += 1
-                store.record_messages([_evidence(job, folder, status.uidvalidity, message.info, digest,
-                                                 old.target_folder, old.target_key, "copied")])
-                continue
-            fresh.append(message)
-        if fresh:
-            result = _append(job, folder, status.uidvalidity, target_folder, fresh, target, store)
-            copied += result[0]
-            size += result[1]
-            skipped += result[2]
-        done += len(batch)
-        if status.uidnext is not None:
-            uids = [info.uid for info in batch if info.uid is not None]
-            if uids:
-                store.save_checkpoint(FolderCheckpoint(job.source, job.mailbox, folder, job.target_mailbox,
-                                                       target_folder, status.uidvalidity, max(uids), None))
-        if progress is not None:
-            progress(job, folder, done, len(todo))
+    batches = list(_batches(todo))
+    # The next batch is fetched from the source while this one is appended to the target (two connections,
+    # two servers): the copy takes about as long as the slower side instead of the sum of both.
+    with ThreadPoolExecutor(1, thread_name_prefix="prefetch") as prefetch:
+        coming = prefetch.submit(_fetch, source, folder, batches[0]) if batches else None
+        for index, batch in enumerate(batches):
+            assert coming is not None
+            messages = coming.result()
+            coming = prefetch.submit(_fetch, source, folder, batches[index + 1]) if index + 1 < len(batches) else None
+            copied, size, skipped = _copy_batch(job, folder, status, target_folder, batch, messages, matchable,
+                                                reused, target, store, (copied, size, skipped))
+            done += len(batch)
+            if status.uidnext is not None:
+                uids = [info.uid for info in batch if info.uid is not None]
+                if uids:
+                    store.save_checkpoint(FolderCheckpoint(job.source, job.mailbox, folder, job.target_mailbox,
+                                                           target_folder, status.uidvalidity, max(uids), None))
+            if progress is not None:
+                progress(job, folder, done, len(todo))
     last_uid = max([info.uid for info in listed if info.uid is not None], default=0)
     store.save_checkpoint(FolderCheckpoint(job.source, job.mailbox, folder, job.target_mailbox, target_folder,
                                            status.uidvalidity, last_uid, status.highestmodseq))
     return FolderOutcome(folder, target_folder, copied, size, skipped, flags_synced, mapping.reason)
+
+
+def _fetch(source: MailStore, folder: str, batch: Sequence[MessageInfo]) -> list[Message]:
+    """Fetch one batch of messages with their bytes."""
+    return list(source.fetch(folder, [info.key for info in batch]))
+
+
+def _copy_batch(job: MailboxJob, folder: str, status: FolderStatus, target_folder: str, batch: Sequence[MessageInfo],
+                messages: Sequence[Message], matchable: dict[str, list[MessageEvidence]], reused: Counter[str],
+                target: MailStore, store: Store, totals: tuple[int, int, int]) -> tuple[int, int, int]:
+    """Append the messages of one batch that earlier copies do not account for; return the running totals."""
+    copied, size, skipped = totals
+    fresh: list[tuple[Message, str]] = []
+    for message in messages:
+        digest = sha256(message.raw)
+        if matchable.get(digest) and reused[digest] < len(matchable[digest]):
+            old = matchable[digest][reused[digest]]
+            reused[digest] += 1
+            if old.target_key is not None and sorted(old.flags) != sorted(message.info.flags):
+                # flags changed since that copy was made: the evidence says what the target now has
+                target.set_flags(old.target_folder, old.target_key, message.info.flags)
+            store.record_messages([_evidence(job, folder, status.uidvalidity, message.info, digest,
+                                             old.target_folder, old.target_key, "copied")])
+            continue
+        fresh.append((message, digest))
+    if fresh:
+        result = _append(job, folder, status.uidvalidity, target_folder, fresh, target, store)
+        copied, size, skipped = copied + result[0], size + result[1], skipped + result[2]
+    return copied, size, skipped
 
 
 def _batches(infos: Sequence[MessageInfo]) -> Iterable[list[MessageInfo]]:
@@ -256,11 +343,12 @@ def _batches(infos: Sequence[MessageInfo]) -> Iterable[list[MessageInfo]]:
         yield batch
 
 
-def _append(job: MailboxJob, folder: str, uidvalidity: int, target_folder: str, messages: Sequence[Message],
-            target: MailStore, store: Store) -> tuple[int, int, int]:
-    """Append a batch with its evidence written before (appending) and after (copied); return copied, bytes, skipped."""
+def _append(job: MailboxJob, folder: str, uidvalidity: int, target_folder: str,
+            batch: Sequence[tuple[Message, str]], target: MailStore, store: Store) -> tuple[int, int, int]:
+    """Append (message, SHA-256) pairs with evidence written before (appending) and after (copied); return copied, bytes, skipped."""
     uidnext = target.status(target_folder).uidnext
-    digests = [sha256(m.raw) for m in messages]
+    messages = [m for m, _ in batch]
+    digests = [d for _, d in batch]
     store.record_messages([_evidence(job, folder, uidvalidity, m.info, d, target_folder, None, "appending",
                                      uidnext=uidnext) for m, d in zip(messages, digests)])
     try:
@@ -270,11 +358,11 @@ def _append(job: MailboxJob, folder: str, uidvalidity: int, target_folder: str, 
             raise
         # one message of the batch was refused: append them one by one to find it (and keep the rest)
         copied = size = skipped = 0
-        for message in messages:
+        for message, digest in batch:
             try:
-                result = _append(job, folder, uidvalidity, target_folder, [message], target, store)
+                result = _append(job, folder, uidvalidity, target_folder, [(message, digest)], target, store)
             except MessageRefused as exc:
-                store.record_messages([_evidence(job, folder, uidvalidity, message.info, sha256(message.raw),
+                store.record_messages([_evidence(job, folder, uidvalidity, message.info, digest,
                                                  target_folder, None, "skipped", f"refused by the target: {exc}")])
                 skipped += 1
                 continue
@@ -341,6 +429,22 @@ def _evidence(job: MailboxJob, folder: str, uidvalidity: int, info: MessageInfo,
     return MessageEvidence(job.source, job.mailbox, folder, uidvalidity, info.key, digest, info.size,
                            info.internal_date.isoformat(), tuple(info.flags), job.target_mailbox, target_folder,
                            target_key, state, reason, uidnext)
+
+
+def forget_missing(check: MailboxCheck, store: Store) -> int:
+    """Forget the evidence of messages verify did not find, so that the next pass copies them again."""
+    missing = {(folder, key) for f in check.folders for folder, key in f.missing}
+    if not missing:
+        return 0
+    job = check.job
+    rows = [e for e in store.message_evidence(job.source, job.mailbox) if (e.folder, e.source_key) in missing]
+    store.forget_messages([(e.source, e.mailbox, e.folder, e.uidvalidity, e.source_key) for e in rows])
+    for folder in {folder for folder, _ in missing}:
+        checkpoint = store.folder_checkpoint(job.source, job.mailbox, folder)
+        if checkpoint is not None:
+            # without a mod-sequence the next pass lists the folder instead of trusting it is unchanged
+            store.save_checkpoint(dataclasses.replace(checkpoint, highestmodseq=None))
+    return len(rows)
 
 
 @dataclass(frozen=True)

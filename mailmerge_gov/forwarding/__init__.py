@@ -1,0 +1,1 @@
+"""The forwarding relay: address map, SRS, the aiosmtpd handler and the daemon (usable without the CLI)."""

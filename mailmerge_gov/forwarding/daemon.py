@@ -1,0 +1,148 @@
+"""The relay daemon: serve in the foreground, reload the map on SIGHUP, drain on SIGTERM, log as JSON lines."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mailmerge_gov.config import Config, ConfigError, load_config
+from mailmerge_gov.forwarding import replies
+from mailmerge_gov.forwarding.addressmap import AddressMap, MapError, Outcome, load_map
+from mailmerge_gov.forwarding.handler import (RelayHandler, RelaySettings, RelaySMTP, event, old_domains,
+                                              relay_settings, smtp_options, verdict_reply)
+from mailmerge_gov.forwarding.srs import Srs, SrsError, srs_from_config
+
+log = logging.getLogger("mailmerge_gov.forwarding")
+
+
+class RelayError(Exception):
+    """The relay cannot start or check; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Everything the relay needs, checked before it listens: settings, map, SRS."""
+
+    config: Config
+    settings: RelaySettings
+    address_map: AddressMap
+    srs: Srs | None
+
+
+def load_address_map(config: Config) -> AddressMap:
+    """Load the [relay] map of a consolidation, checked against its old domains; RelayError/MapError."""
+    if config.relay.map is None:
+        raise RelayError(f"{config.path}: [relay] map is not set: name the address map CSV "
+                         "(mailmerge-gov directory export-map -o FILE writes it)")
+    return load_map(config.relay.map, old_domains(config))
+
+
+def load_srs(config: Config) -> Srs | None:
+    """The relay's SRS from [relay], secrets read now; SrsError naming the secret's source."""
+    return srs_from_config(config.relay, old_domains(config) | {config.target.mail_domain})
+
+
+def prepare(config: Config) -> Prepared:
+    """Check and load what `serve` needs; RelayError, MapError or SrsError saying what is wrong."""
+    try:
+        settings = relay_settings(config)
+    except ValueError as exc:
+        raise RelayError(str(exc)) from None
+    return Prepared(config, settings, load_address_map(config), load_srs(config))
+
+
+async def serve(prepared: Prepared, on_listening: Callable[[str, int], None] | None = None) -> None:
+    """Run the relay until SIGTERM or SIGINT, reloading the map on SIGHUP."""
+    config = prepared.config
+    handler = RelayHandler(prepared.address_map, prepared.settings, prepared.srs)
+    loop = asyncio.get_running_loop()
+    host, port = config.relay.listen_host, config.relay.listen_port
+    try:
+        server = await loop.create_server(lambda: RelaySMTP(handler, **smtp_options(prepared.settings)), host, port)
+    except OSError as exc:
+        raise RelayError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    stop = asyncio.Event()
+    reloading = asyncio.Lock()
+
+    async def reload() -> None:
+        async with reloading:
+            await _reload(config, handler)
+
+    loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    log.info("%s", event("listening", address=f"{host}:{port}", addresses=len(handler.address_map),
+                         map=str(config.relay.map), next_hop=config.relay.next_hop,
+                         srs_domain=prepared.srs.domain if prepared.srs else None))
+    if on_listening is not None:
+        on_listening(host, port)
+    try:
+        await stop.wait()
+    finally:
+        for number in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(number)
+    server.close()  # no new connections; open sessions may finish
+    log.info("%s", event("stopping", sessions=len(handler.connections), deadline_seconds=config.relay.shutdown_timeout))
+    await handler.drain(config.relay.shutdown_timeout)
+    await server.wait_closed()
+    log.info("%s", event("stopped"))
+
+
+async def _reload(config: Config, handler: RelayHandler) -> None:
+    """Re-read the config, the map and the SRS secrets; swap them in only if all are good."""
+    try:
+        fresh = await asyncio.to_thread(load_config, config.path)
+        address_map = await asyncio.to_thread(load_address_map, fresh)
+        srs = await asyncio.to_thread(load_srs, fresh)
+    except (ConfigError, MapError, SrsError, RelayError) as exc:
+        log.warning("%s", event("reload-failed", reason=str(exc), kept_addresses=len(handler.address_map)))
+        return
+    # One attribute assignment each: a lookup running now sees the old map or the new one, never a mix.
+    handler.address_map = address_map
+    handler.srs = srs
+    log.info("%s", event("reloaded", addresses=len(address_map), map=str(fresh.relay.map)))
+
+
+def run(prepared: Prepared) -> None:
+    """Serve in the foreground until stopped."""
+    asyncio.run(serve(prepared))
+
+
+def explain(config: Config, address: str, day: dt.date) -> list[str]:
+    """What the relay would do on `day` with mail for `address`: a description line, then the reply lines."""
+    srs_domain = config.relay.srs_domain
+    if srs_domain is not None and address.rpartition("@")[2].lower() == srs_domain:
+        srs = load_srs(config)
+        if srs is not None and srs.is_srs_address(address):
+            return _explain_srs(srs, address, day)
+    verdict = load_address_map(config).lookup(address, day)
+    head = f"{address} on {day.isoformat()}: "
+    if verdict.outcome is Outcome.FORWARD:
+        return [head + f"forward to {verdict.new_address} (until {verdict.valid_until})",
+                f"reply: the next hop's answer to RCPT TO:<{verdict.new_address}>"]
+    if verdict.outcome is Outcome.MOVED:
+        first = head + f"moved to {verdict.new_address} (forwarding ended {verdict.valid_until})"
+    elif verdict.outcome is Outcome.UNKNOWN:
+        first = head + f"unknown ({verdict.reason})"
+    else:
+        first = head + f"relay denied ({verdict.reason})"
+    reply = verdict_reply(verdict)
+    assert reply is not None
+    return [first, *(f"reply: {line}" for line in str(reply).split("\r\n"))]
+
+
+def _explain_srs(srs: Srs, address: str, day: dt.date) -> list[str]:
+    """Explain an address of the SRS domain: whose bounce address it is, or why it is refused."""
+    noon = dt.datetime.combine(day, dt.time(12)).astimezone().timestamp()
+    head = f"{address} on {day.isoformat()}: "
+    try:
+        original = srs.reverse(address, now=noon)
+    except SrsError as exc:
+        return [head + f"invalid SRS address ({exc})",
+                *(f"reply: {line}" for line in str(replies.srs_invalid()).split("\r\n"))]
+    return [head + f"SRS return address of {original} (bounces only, MAIL FROM:<>)",
+            f"reply: the next hop's answer to RCPT TO:<{original}>"]

@@ -1,0 +1,535 @@
+"""The aiosmtpd handler: before-queue relaying of mail for old addresses to the next hop, with its verdicts."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import functools
+import json
+import logging
+import secrets
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any, TypeVar
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from mailmerge_gov.config import Config
+from mailmerge_gov.forwarding import replies
+from mailmerge_gov.forwarding.address import NULL_PATH, AddressError, parse_mailbox, split_path
+from mailmerge_gov.forwarding.addressmap import AddressMap, Outcome, Verdict
+from mailmerge_gov.forwarding.message import (count_received, delivered_to, delivered_to_header, header_fields,
+                                              normalise_line_endings, protocol_name, received_header)
+from mailmerge_gov.forwarding.nexthop import HopReply, NextHop, NextHopSettings, next_hop_settings
+from mailmerge_gov.forwarding.replies import Reply
+from mailmerge_gov.forwarding.srs import Srs, SrsError
+
+log = logging.getLogger("mailmerge_gov.forwarding")
+HEADER_ALLOWANCE = 2048  # bytes the relay may add to a message (Received, Delivered-To): SIZE to the next hop
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    """How the relay behaves: its name, limits and the next hop."""
+
+    next_hop: NextHopSettings
+    hostname: str = "localhost"
+    max_message_size: int = 50 * 1024 * 1024
+    max_recipients: int = 100
+    max_hops: int = 50
+    timeout: float = 300.0
+
+
+def event(name: str, **fields: object) -> str:
+    """One JSON log line: the time, what happened, and its fields."""
+    now = dt.datetime.now().astimezone().isoformat(timespec="seconds")
+    return json.dumps({"time": now, "event": name, **fields}, ensure_ascii=False)
+
+
+def old_domains(config: Config) -> frozenset[str]:
+    """The domains the relay answers for: every [[sources]] domain except the new unit's own."""
+    # A surviving unit's domain can be both a source and the target (hcm.gov.vn); its MX is the new
+    # server, so the relay must not claim it: mail for it here would be relaying.
+    return frozenset(d for source in config.sources for d in source.domains if d != config.target.mail_domain)
+
+
+def relay_settings(config: Config) -> RelaySettings:
+    """The relay settings of a consolidation; ValueError when [relay] next_hop is missing."""
+    relay = config.relay
+    return RelaySettings(next_hop=next_hop_settings(config), hostname=relay.hostname,
+                         max_message_size=relay.max_message_size, max_recipients=relay.max_recipients,
+                         max_hops=relay.max_hops, timeout=relay.timeout)
+
+
+def smtp_options(settings: RelaySettings) -> dict[str, Any]:
+    """Keyword arguments for aiosmtpd's SMTP class that enforce the relay's limits."""
+    return {
+        "hostname": settings.hostname,
+        "ident": "ESMTP",  # no software name and version in the greeting
+        "data_size_limit": settings.max_message_size,  # advertised as SIZE, enforced while reading DATA
+        "enable_SMTPUTF8": True,  # non-ASCII addresses are then refused unless MAIL says SMTPUTF8
+        "decode_data": False,  # bytes: the body is relayed untouched (DKIM)
+        "timeout": settings.timeout,
+    }
+
+
+def verdict_reply(verdict: Verdict) -> Reply | None:
+    """The RCPT reply for a refused address; None when the address forwards (the next hop decides)."""
+    if verdict.outcome is Outcome.MOVED:
+        assert verdict.new_address is not None
+        return replies.moved(verdict.new_address)
+    if verdict.outcome is Outcome.UNKNOWN:
+        return replies.unknown(verdict.address)
+    if verdict.outcome is Outcome.RELAY_DENIED:
+        return replies.relay_denied(verdict.address)
+    return None
+
+
+@dataclass(frozen=True)
+class RecipientRecord:
+    """One RCPT of a transaction: the address, what the map said, where it went, what the client was told."""
+
+    to: str
+    verdict: str
+    new: str | None
+    reply: str
+
+
+@dataclass(frozen=True)
+class TransactionRecord:
+    """One transaction, as logged: time, client, sender, recipients (old -> new), size, next hop, result."""
+
+    id: str
+    time: str
+    client: str
+    helo: str
+    mail_from: str
+    relayed_from: str
+    recipients: tuple[RecipientRecord, ...]
+    size: int | None
+    next_hop: str
+    result: str
+
+    def as_json(self) -> str:
+        """The record as one JSON line."""
+        data = asdict(self)
+        data = {"event": "transaction", **data, "from": data.pop("mail_from")}
+        return json.dumps(data, ensure_ascii=False)
+
+
+@dataclass
+class _Transaction:
+    """The state of the transaction a client has open (mutable: it grows with each command)."""
+
+    envelope: Envelope
+    id: str
+    started: dt.datetime
+    mail_from: str
+    relayed_from: str
+    recipients: list[RecipientRecord] = field(default_factory=list)
+    accepted: dict[str, list[str]] = field(default_factory=dict)  # new address -> old addresses sent to it
+    hop_open: bool = False  # the next hop accepted our MAIL for this transaction
+    failure: Reply | None = None  # once the next-hop transaction is lost, every later command gets this
+    size: int | None = None
+    next_hop: str = ""
+
+    def record(self, client: str, helo: str, result: str) -> TransactionRecord:
+        """The frozen log record of this transaction."""
+        return TransactionRecord(self.id, self.started.isoformat(timespec="seconds"), client, helo,
+                                 self.mail_from, self.relayed_from, tuple(self.recipients), self.size,
+                                 self.next_hop, result)
+
+
+@dataclass
+class _Session:
+    """What the handler keeps per client connection: its next-hop connection and open transaction."""
+
+    client: str
+    server: SMTP | None = None  # the client connection, whose idle timer the next-hop calls restart
+    hop: NextHop | None = None
+    transaction: _Transaction | None = None
+    busy: asyncio.Future[HopReply] | None = None  # the next-hop call in progress
+
+
+H = TypeVar("H", bound=Callable[..., Awaitable[str]])
+
+
+def _guarded(hook: H) -> H:
+    """Turn any exception of a hook into 451 4.3.0 without internals, logged with its traceback."""
+
+    @functools.wraps(hook)
+    async def wrapper(self: RelayHandler, server: SMTP, session: Session, envelope: Envelope, *args: Any) -> str:
+        try:
+            return await hook(self, server, session, envelope, *args)
+        except Exception:
+            log.error("%s", event("error", hook=hook.__name__, client=_client(session),
+                                  error=traceback.format_exc()))
+            state = self.sessions.get(session)
+            if state is not None and state.transaction is not None:
+                state.transaction.failure = replies.internal_error()
+            return str(replies.internal_error())
+
+    return wrapper  # type: ignore[return-value]
+
+
+class RelayHandler:
+    """aiosmtpd handler: accepts a recipient only when the next hop does, and a message only when the next hop has."""
+
+    def __init__(self, address_map: AddressMap, settings: RelaySettings, srs: Srs | None = None,
+                 clock: Callable[[], dt.datetime] | None = None,
+                 on_transaction: Callable[[TransactionRecord], None] | None = None) -> None:
+        """Serve `address_map` (replace the attribute to reload); `clock` gives the local date of lookups."""
+        self.address_map = address_map
+        self.settings = settings
+        self.srs = srs
+        self.clock = clock or (lambda: dt.datetime.now().astimezone())
+        self.on_transaction = on_transaction or (lambda record: log.info("%s", record.as_json()))
+        self.sessions: dict[Session, _Session] = {}
+        self.connections: set[SMTP] = set()
+        self.closing: set[asyncio.Task[None]] = set()
+        self.draining = False
+
+    # --- aiosmtpd hooks ---------------------------------------------------------------------------------
+
+    @_guarded
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          mail_options: list[str]) -> str:
+        """Check the sender and open a transaction; SRS-rewrite it for the next hop."""
+        state = self._state(session, server)
+        self._finish(session, state, "no DATA (new MAIL)")
+        if self.draining:
+            # SIGTERM: finish what is open, start nothing new; the client retries with another MX or later.
+            asyncio.get_running_loop().call_soon(_close_transport, server)
+            return "421 4.3.2 Service shutting down, try again later"
+        if not address.isascii() and "SMTPUTF8" not in mail_options:
+            return str(replies.smtputf8_required())
+        relayed_from = address
+        if address != NULL_PATH:
+            try:
+                mailbox = parse_mailbox(address)
+            except AddressError as exc:
+                return str(replies.bad_sender(str(exc)))
+            if mailbox.route:
+                return str(replies.bad_sender("source routes are not accepted"))
+            if self.srs is not None:
+                relayed_from = self.srs.forward(address, now=self.clock().timestamp())
+        state.transaction = _Transaction(envelope, secrets.token_hex(6).upper(), self.clock(), address, relayed_from)
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return str(replies.OK_SENDER)
+
+    @_guarded
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          rcpt_options: list[str]) -> str:
+        """Look the address up, and accept it only if the next hop accepts its new address."""
+        state = self._state(session, server)
+        tx = state.transaction
+        if tx is None or tx.envelope is not envelope:
+            return "503 5.5.1 Error: need MAIL command"
+        verdict, target, reply = self._route(tx, envelope, address)
+        if reply is None and tx.failure is not None:
+            reply = tx.failure
+        if reply is None and target in tx.accepted:
+            reply = replies.OK_RECIPIENT  # two old addresses of one official: the next hop gets one RCPT
+        if reply is None:
+            assert target is not None
+            reply = await self._ask_next_hop(state, tx, envelope, target)
+        if reply.positive:
+            assert target is not None
+            envelope.rcpt_tos.append(address)
+            envelope.rcpt_options.extend(rcpt_options)
+            tx.accepted.setdefault(target, []).append(address)
+        tx.recipients.append(RecipientRecord(address, verdict, target, reply.one_line()))
+        return str(reply)
+
+    @_guarded
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        """Check for loops, prepend Received and Delivered-To, and answer with the next hop's verdict."""
+        state = self._state(session, server)
+        tx = state.transaction
+        if tx is None or tx.envelope is not envelope or not tx.accepted:
+            return "503 5.5.1 Error: need RCPT command"
+        content = envelope.original_content or b""
+        reply = tx.failure or await self._relay_message(session, state, tx, content)
+        self._finish(session, state, reply.one_line())
+        return str(reply)
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        """End the open transaction (the next hop's is ended at the next RCPT)."""
+        self._finish(session, self._state(session, server), "no DATA (RSET)")
+        return "250 2.0.0 OK"
+
+    async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        """Log an unfinished transaction; the next-hop connection closes with the client's."""
+        self._finish(session, self._state(session, server), "no DATA (QUIT)")
+        return "221 2.0.0 Bye"
+
+    async def handle_exception(self, error: Exception) -> str:
+        """Anything aiosmtpd itself could not handle: 451 4.3.0, the details only in the log."""
+        log.error("%s", event("error", error="".join(traceback.format_exception(error))))
+        return str(replies.internal_error())
+
+    # --- connection life cycle (called by RelaySMTP) ----------------------------------------------------
+
+    def connection_opened(self, server: SMTP) -> None:
+        """Count a client connection (for the shutdown drain)."""
+        self.connections.add(server)
+
+    def connection_closed(self, server: SMTP, session: Session | None) -> None:
+        """The client is gone: log what was open, then close the next-hop connection in the background."""
+        self.connections.discard(server)
+        state = self.sessions.pop(session, None) if session is not None else None
+        if state is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._close_session(session, state))
+        self.closing.add(task)
+        task.add_done_callback(self.closing.discard)
+
+    async def _close_session(self, session: Session, state: _Session) -> None:
+        """Wait for a next-hop call still running, log the transaction, and QUIT the next hop."""
+        tx = state.transaction
+        if state.busy is not None:
+            # The call was shielded from the client's disconnect: let it end, so the log says what the next
+            # hop did (a message it accepted after the client left will be sent again: a duplicate, not a loss).
+            hop_reply = await state.busy  # bounded by next_hop_timeout inside NextHop
+            if tx is not None and tx.size is not None and not tx.next_hop:
+                tx.next_hop = hop_reply.one_line()
+        self._finish(session, state, "client disconnected")
+        if state.hop is not None:
+            await state.hop.close()
+
+    async def drain(self, timeout: float) -> None:
+        """Stop new transactions, give open sessions `timeout` seconds, then close what is left."""
+        loop = asyncio.get_running_loop()
+        self.draining = True
+        for server in list(self.connections):
+            state = self.sessions.get(server.session) if server.session is not None else None
+            if state is None or state.transaction is None:
+                # Idle between transactions: RFC 5321 lets a server say 421 at any time when it must stop.
+                _say_and_close(server, "421 4.3.2 Service shutting down, try again later")
+        deadline = loop.time() + timeout
+        while self.connections and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for server in list(self.connections):
+            _say_and_close(server, "421 4.3.2 Service shutting down, try again later")
+        await asyncio.sleep(0)
+        if self.closing:
+            await asyncio.wait(set(self.closing), timeout=self.settings.next_hop.timeout + 5)
+
+    # --- the work ---------------------------------------------------------------------------------------
+
+    def _route(self, tx: _Transaction, envelope: Envelope, address: str) -> tuple[str, str | None, Reply | None]:
+        """Decide where a recipient's mail goes: (verdict name, target address, refusal or None)."""
+        if len(envelope.rcpt_tos) >= self.settings.max_recipients:
+            return "too-many-recipients", None, replies.too_many_recipients(self.settings.max_recipients)
+        if not address.isascii() and not envelope.smtp_utf8:
+            return "smtputf8-required", None, replies.smtputf8_required()
+        if self.srs is not None and self.srs.is_srs_address(address):
+            # Bounces to a rewritten sender come back here; anything but <> would make us a relay for spam.
+            if tx.mail_from != NULL_PATH:
+                return "srs-not-bounce", None, replies.srs_bounces_only()
+            try:
+                return "srs-bounce", self.srs.reverse(address, now=self.clock().timestamp()), None
+            except SrsError:
+                return "srs-invalid", None, replies.srs_invalid()
+        verdict = self.address_map.lookup(address, self.clock().date())
+        return verdict.outcome.value, verdict.new_address, verdict_reply(verdict)
+
+    async def _ask_next_hop(self, state: _Session, tx: _Transaction, envelope: Envelope, target: str) -> Reply:
+        """Open the next-hop connection and transaction if needed, then RCPT the new address there."""
+        utf8 = envelope.smtp_utf8
+        if state.hop is None or not state.hop.connected:
+            if tx.hop_open:
+                tx.failure = replies.next_hop_unavailable("connection lost", "4.4.2")
+                return tx.failure
+            state.hop = NextHop(self.settings.next_hop)
+            greeting = await self._call(state, state.hop.connect())
+            if not greeting.positive:
+                state.hop = None
+                tx.failure = _unavailable(greeting)
+                return tx.failure
+        hop = state.hop
+        if not tx.hop_open:
+            if hop.in_transaction:
+                await self._call(state, hop.rset())  # the previous client transaction ended without DATA
+            if utf8 and not hop.supports("smtputf8"):
+                tx.failure = Reply(550, "5.6.7", ("Next hop does not support SMTPUTF8",))
+                return tx.failure
+            answer = await self._call(state, hop.mail(tx.relayed_from, self._mail_options(envelope, hop), utf8))
+            if not answer.positive:
+                tx.failure = _client_reply(answer)
+                return tx.failure
+            tx.hop_open = True
+        answer = await self._call(state, hop.rcpt(target, utf8))
+        if answer.failure:
+            tx.failure = _client_reply(answer)
+        return _client_reply(answer)
+
+    def _mail_options(self, envelope: Envelope, hop: NextHop) -> list[str]:
+        """The client's MAIL parameters that the next hop understands (SIZE grown by our headers)."""
+        options = []
+        for option in envelope.mail_options:
+            name, _, value = option.partition("=")
+            if name == "SIZE" and value.isdigit() and hop.supports("size"):
+                options.append(f"SIZE={int(value) + HEADER_ALLOWANCE}")
+            elif name == "BODY" and value == "8BITMIME" and hop.supports("8bitmime"):
+                options.append(option)
+            elif name == "SMTPUTF8" and hop.supports("smtputf8"):
+                options.append(option)
+        return options
+
+    async def _relay_message(self, session: Session, state: _Session, tx: _Transaction, content: bytes) -> Reply:
+        """Send the message to the next hop (loops refused first) and return the client's reply."""
+        content = normalise_line_endings(content)
+        fields = header_fields(content)
+        hops = count_received(fields)
+        olds = {old.lower() for addresses in tx.accepted.values() for old in addresses}
+        looped = delivered_to(fields) & olds
+        hop = state.hop
+        if hops > self.settings.max_hops or looped:
+            reason = (f"{hops} Received header fields, more than {self.settings.max_hops}" if not looped
+                      else f"already delivered to {sorted(looped)[0]}")
+            if hop is not None:
+                await self._call(state, hop.rset())
+            return replies.loop(reason)
+        if hop is None or not hop.connected:
+            return replies.next_hop_unavailable("connection lost", "4.4.2")
+        single = next(iter(olds)) if len(olds) == 1 else None
+        recipient = None
+        if single is not None:
+            recipient = next(old for addresses in tx.accepted.values() for old in addresses)
+        headers = received_header(
+            helo=session.host_name or "", client_ip=_client(session), hostname=self.settings.hostname,
+            protocol=protocol_name(session.extended_smtp, tx.envelope.smtp_utf8, session.ssl is not None),
+            queue_id=tx.id, recipient=recipient, when=self.clock())
+        if recipient is not None:
+            headers += delivered_to_header(recipient)
+        message = headers + content
+        tx.size = len(message)
+        answer = await self._call(state, hop.data(message))
+        tx.next_hop = answer.one_line()
+        tx.hop_open = False
+        return _client_reply(answer)
+
+    async def _call(self, state: _Session, call: Awaitable[HopReply]) -> HopReply:
+        """Run one next-hop call shielded from the client's disconnect."""
+        # Cancelling an aiosmtplib command half-way leaves its reply unread and the connection out of step
+        # (the next command would read the previous reply), and the log could not say what the next hop did.
+        # aiosmtpd's idle timer runs from the client's last command (for DATA: from the DATA command, so the
+        # reading of a large message counts). Restarted before each call, which next_hop_timeout (shorter
+        # than timeout) bounds, the client connection is never closed while the relay waits for the next hop.
+        reset = getattr(state.server, "_reset_timeout", None)
+        if callable(reset):
+            reset()
+        task = asyncio.ensure_future(call)
+        state.busy = task
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if task.done():
+                state.busy = None
+
+    def _state(self, session: Session, server: SMTP) -> _Session:
+        """The handler's state for a client session."""
+        state = self.sessions.get(session)
+        if state is None:
+            state = self.sessions[session] = _Session(_client(session), server)
+        return state
+
+    def _finish(self, session: Session, state: _Session, result: str) -> None:
+        """Log the open transaction (if any) and close it."""
+        tx, state.transaction = state.transaction, None
+        if tx is None:
+            return
+        try:
+            self.on_transaction(tx.record(state.client, session.host_name or "", result))
+        except Exception:
+            log.error("%s", event("error", transaction=tx.id, error=traceback.format_exc()))
+
+
+def _client_reply(answer: HopReply) -> Reply:
+    """What the client is told for a next-hop answer: 2xx and 5xx passed on, 4xx and no answer as 451."""
+    if answer.failure:
+        return replies.next_hop_unavailable(answer.failure, "4.4.1" if answer.failure == "unreachable" else "4.4.2")
+    if answer.positive or 500 <= answer.code < 600:
+        return replies.passed_on(answer.code, answer.text)
+    return replies.next_hop_deferred(answer.code, answer.text)
+
+
+def _unavailable(greeting: HopReply) -> Reply:
+    """The reply when the next hop could not be reached or greeted us with an error."""
+    if greeting.failure:
+        return replies.next_hop_unavailable(greeting.failure, "4.4.1")
+    # A next hop that refuses the relay's own connection is a set-up problem here, not the sender's: 4xx.
+    return replies.next_hop_unavailable(f"greeting {greeting.code}", "4.4.1")
+
+
+def _client(session: Session | None) -> str:
+    """The client's IP address."""
+    peer = session.peer if session is not None else None
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer or "")
+
+
+def _close_transport(server: SMTP) -> None:
+    """Close a client connection (after the reply already written is flushed)."""
+    if server.transport is not None:
+        server.transport.close()
+
+
+def _say_and_close(server: SMTP, line: str) -> None:
+    """Write one reply line and close the connection."""
+    transport = server.transport
+    if transport is None or transport.is_closing():
+        return
+    transport.write(line.encode("ascii") + b"\r\n")  # type: ignore[attr-defined]
+    transport.close()
+
+
+class RelaySMTP(SMTP):
+    """aiosmtpd's SMTP server with strict SMTP paths, and the handler told when a connection ends."""
+
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """The path exactly as sent (source route kept): the handler decides, not the lenient RFC 5322 parser."""
+        return split_path(arg)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Register the connection with the handler."""
+        super().connection_made(transport)
+        opened = getattr(self.event_handler, "connection_opened", None)
+        if opened is not None:
+            opened(self)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        """Tell the handler, so it can log the transaction and close the next-hop connection."""
+        session = self.session
+        super().connection_lost(error)
+        closed = getattr(self.event_handler, "connection_closed", None)
+        if closed is not None:
+            closed(self, session)
+
+
+class RelayController(Controller):
+    """aiosmtpd's threaded Controller serving RelaySMTP: the relay embedded in another program or a test."""
+
+    def factory(self) -> SMTP:
+        """A RelaySMTP for each connection."""
+        return RelaySMTP(self.handler, **self.SMTP_kwargs)
+
+    def stop(self, no_assert: bool = False) -> None:
+        """Close the sessions and their next-hop connections, then stop the loop and its thread."""
+        # Controller.stop() cancels every task of the loop: next-hop connections would be left half-closed.
+        if self._thread is not None and self.loop.is_running() and isinstance(self.handler, RelayHandler):
+            done = asyncio.run_coroutine_threadsafe(self.handler.drain(0), self.loop)
+            done.result(timeout=self.handler.settings.next_hop.timeout + 10)
+        super().stop(no_assert)
+
+
+def relay_controller(handler: RelayHandler, host: str, port: int) -> RelayController:
+    """A threaded relay on host:port with the handler's limits (call .start() and .stop())."""
+    options = smtp_options(handler.settings)
+    # Controller's `hostname` is the address to bind; the name in the greeting is `server_hostname`.
+    return RelayController(handler, hostname=host, port=port, server_hostname=options.pop("hostname"), **options)

@@ -1,0 +1,592 @@
+"""The relay on real loopback sockets: smtplib as the sending client, aiosmtpd or Postfix smtp-sink as the next hop."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import pwd
+import smtplib
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from conftest import started
+from mailmerge_gov.forwarding.addressmap import AddressMap, parse_map
+from mailmerge_gov.forwarding.handler import (RelayHandler, RelaySettings, TransactionRecord, relay_controller)
+from mailmerge_gov.forwarding.nexthop import NextHopSettings
+from mailmerge_gov.forwarding.srs import Srs
+from servers import LOOPBACK, NOBODY, SmtpSink, free_port, make_server_dir, read_banner, require_program, wait_until
+
+OLD_DOMAINS = ("binhduong.gov.vn", "brvt.gov.vn")
+MAP = """\
+old_address,new_address,valid_until
+nguyenvana@binhduong.gov.vn,annv@hcm.gov.vn,2026-06-30
+tranthib@binhduong.gov.vn,btt@hcm.gov.vn,2026-06-30
+tran.thi.b@brvt.gov.vn,btt@hcm.gov.vn,2026-06-30
+lethic@binhduong.gov.vn,clt@hcm.gov.vn,2025-12-31
+trần@binhduong.gov.vn,tranvan@hcm.gov.vn,2026-06-30
+phamd@binhduong.gov.vn,rejectme@hcm.gov.vn,2026-06-30
+hoange@binhduong.gov.vn,full@hcm.gov.vn,2026-06-30
+"""
+ICT = dt.timezone(dt.timedelta(hours=7))
+NOW = dt.datetime(2026, 1, 15, 19, 0, tzinfo=ICT)  # 12:00 UTC, the SRS tests' clock
+SRS_DOMAIN = "srs.binhduong.gov.vn"
+SECRETS = ("thisisthefirstsecret123", "anolderonestillverifies")
+MESSAGE = (b"From: Alice <alice@example.org>\r\nTo: nguyenvana@binhduong.gov.vn\r\n"
+           b"Subject: =?utf-8?q?Th=C6=B0_th=E1=BB=AD?=\r\nMessage-ID: <1@example.org>\r\n"
+           b"DKIM-Signature: v=1; a=rsa-sha256; d=example.org; s=sel; h=from:to:subject;\r\n"
+           b"\tbh=47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=; b=AAAA\r\n"
+           b"\r\n"
+           b"Xin ch\xc3\xa0o,  \r\n.a line that starts with a dot\r\n..two dots\r\n\tindented\r\n\r\n\r\n")
+
+
+# --- the next hop: an aiosmtpd sink that keeps what it gets and answers what a test tells it to ------------------
+
+
+@dataclass
+class Delivered:
+    """One message as the next hop received it."""
+
+    mail_from: str
+    rcpt_tos: list[str]
+    content: bytes
+    mail_options: list[str]
+
+
+@dataclass
+class SinkHandler:
+    """aiosmtpd handler of the next hop."""
+
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    mail_reply: str | None = None
+    data_reply: str | None = None
+    delays: dict[str, float] = field(default_factory=dict)
+    messages: list[Delivered] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          options: list[str]) -> str:
+        self.commands.append(f"MAIL {address} {' '.join(options)}".strip())
+        await asyncio.sleep(self.delays.get("MAIL", 0))
+        if self.mail_reply:
+            return self.mail_reply
+        envelope.mail_from = address
+        envelope.mail_options.extend(options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope, address: str,
+                          options: list[str]) -> str:
+        self.commands.append(f"RCPT {address}")
+        await asyncio.sleep(self.delays.get("RCPT", 0))
+        if address in self.rcpt_replies:
+            return self.rcpt_replies[address]
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.commands.append("RSET")
+        return "250 2.0.0 Ok"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        self.commands.append("DATA")
+        await asyncio.sleep(self.delays.get("DATA", 0))
+        if self.data_reply:
+            return self.data_reply
+        self.messages.append(Delivered(envelope.mail_from or "", list(envelope.rcpt_tos),
+                                       envelope.original_content or b"", list(envelope.mail_options)))
+        return f"250 2.0.0 Ok: queued as Q{len(self.messages)}"
+
+
+@pytest.fixture
+def sink() -> Iterator[SinkHandler]:
+    """A fresh aiosmtpd next hop on a free loopback port (its port in sink.port)."""
+    handler = SinkHandler()
+    controller = Controller(handler, hostname=LOOPBACK, port=free_port(), server_hostname="mx.hcm.test")
+    controller.start()
+    handler.port = controller.port  # type: ignore[attr-defined]
+    try:
+        yield handler
+    finally:
+        controller.stop()
+
+
+# --- the relay -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Relay:
+    """A running relay, its handler and the transactions it logged."""
+
+    port: int
+    handler: RelayHandler
+    records: list[TransactionRecord]
+
+    def client(self) -> smtplib.SMTP:
+        """An smtplib client that has said EHLO."""
+        client = smtplib.SMTP(LOOPBACK, self.port, local_hostname="mail.example.org", timeout=10)
+        client.ehlo()
+        return client
+
+    def wait_records(self, count: int, timeout: float = 5.0) -> list[TransactionRecord]:
+        """Wait until `count` transactions have been logged."""
+        deadline = time.monotonic() + timeout
+        while len(self.records) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.records
+
+
+@pytest.fixture
+def address_map() -> AddressMap:
+    return parse_map(MAP, "map.csv", OLD_DOMAINS)
+
+
+@pytest.fixture
+def start_relay(address_map: AddressMap) -> Iterator[Callable[..., Relay]]:
+    """Return a function that starts a relay in front of a next hop port; stopped at the end of the test."""
+    controllers = []
+
+    def start(next_hop_port: int, srs: bool = True, next_hop_timeout: float = 2.0, **limits: Any) -> Relay:
+        settings = RelaySettings(
+            next_hop=NextHopSettings(LOOPBACK, next_hop_port, timeout=next_hop_timeout, local_hostname="relay.test"),
+            hostname="relay.test", **{"max_recipients": 3, "max_hops": 5, "max_message_size": 100_000, **limits})
+        records: list[TransactionRecord] = []
+        srs_value = Srs(SRS_DOMAIN, SECRETS, exempt_domains=frozenset(OLD_DOMAINS + ("hcm.gov.vn",))) if srs else None
+        handler = RelayHandler(address_map, settings, srs_value, clock=lambda: NOW, on_transaction=records.append)
+        controller = relay_controller(handler, LOOPBACK, free_port())
+        controller.start()
+        controllers.append(controller)
+        return Relay(controller.port, handler, records)
+
+    yield start
+    for controller in controllers:
+        controller.stop()
+
+
+def received_of(record: TransactionRecord, recipient: str | None) -> bytes:
+    """The Received field the relay writes for a transaction of these tests."""
+    for_clause = f"\tfor <{recipient}>; Thu, 15 Jan 2026 19:00:00 +0700" if recipient else \
+        "\tThu, 15 Jan 2026 19:00:00 +0700"
+    by = f"\tby relay.test (mailmerge-gov relay) with ESMTP id {record.id}" + ("" if recipient else ";")
+    return f"Received: from mail.example.org ([127.0.0.1])\r\n{by}\r\n{for_clause}\r\n".encode()
+
+
+# --- forwarding ------------------------------------------------------------------------------------------------
+
+
+def test_forward_relays_exact_bytes_with_srs(sink: SinkHandler, start_relay: Callable[..., Relay]) -> None:
+    relay = start_relay(sink.port)
+    with relay.client() as client:
+        assert client.mail("alice@example.org") == (250, b"2.1.0 OK")
+        assert client.rcpt("NguyenVanA@BinhDuong.gov.vn") == (250, b"2.1.5 Ok")
+        assert client.data(MESSAGE) == (250, b"2.0.0 Ok: queued as Q1")
+    [record] = relay.wait_records(1)
+    [message] = sink.messages
+    assert message.mail_from == "SRS0=YGd8Ke=7U=example.org=alice@srs.binhduong.gov.vn"
+    assert message.rcpt_tos == ["annv@hcm.gov.vn"]
+    # DKIM: two header fields on top, every original byte after them unchanged
+    assert message.content == (received_of(record, "NguyenVanA@BinhDuong.gov.vn")
+                               + b"Delivered-To: NguyenVanA@BinhDuong.gov.vn\r\n" + MESSAGE)
+    assert (record.client, record.helo, record.mail_from, record.relayed_from, record.size, record.next_hop,
+            record.result) == ("127.0.0.1", "mail.example.org", "alice@example.org",
+                               "SRS0=YGd8Ke=7U=example.org=alice@srs.binhduong.gov.vn", len(message.content),
+                               "250 2.0.0 Ok: queued as Q1", "250 2.0.0 Ok: queued as Q1")
+    assert [(r.to, r.verdict, r.new, r.reply) for r in record.recipients] == [
+        ("NguyenVanA@BinhDuong.gov.vn", "forward", "annv@hcm.gov.vn", "250 2.1.5 Ok")]
+
+
+def test_next_hop_is_asked_during_the_session(sink: SinkHandler, start_relay: Callable[..., Relay]) -> None:
+    relay = start_relay(sink.port)
+    with relay.client() as client:
+        client.mail("alice@example.org", ["SIZE=1000", "BODY=8BITMIME"])
+        client.rcpt("nguyenvana@binhduong.gov.vn")
+        # before DATA the next hop has already seen MAIL and RCPT: its verdict is the relay's
+        assert sink.commands == ["MAIL SRS0=YGd8Ke=7U=example.org=alice@srs.binhduong.gov.vn SIZE=3048 BODY=8BITMIME",
+                                 "RCPT annv@hcm.gov.vn"]
+        client.rset()
+        client.mail("bob@example.org")
+        client.rcpt("tranthib@binhduong.gov.vn")
+        assert client.data(MESSAGE)[0] == 250
+    assert sink.commands[2:] == ["RSET", "MAIL SRS0=gHJ/F/=7U=example.org=bob@srs.binhduong.gov.vn",
+                                 "RCPT btt@hcm.gov.vn", "DATA"]
+    records = relay.wait_records(2)
+    assert [r.result for r in records] == ["no DATA (RSET)", "250 2.0.0 Ok: queued as Q1"]
+
+
+def test_sender_in_an_old_or_new_domain_is_not_rewritten(sink: SinkHandler, start_relay: Callable[..., Relay]) -> None:
+    relay = start_relay(sink.port)
+    with relay.client() as client:
+        client.sendmail("vanthu@binhduong.gov.vn", ["nguyenvana@binhduong.gov.vn"], MESSAGE)
+        client.sendmail("", ["nguyenvana@binhduong.gov.vn"], MESSAGE)
+    assert [m.mail_from for m in sink.messages] == ["vanthu@binhduong.gov.vn", "<>"]
+
+
+def test_without_srs_the_sender_is_kept(sink: SinkHandler, start_relay: Callable[..., Relay]) -> None:
+    relay = start_relay(sink.port, srs=False)
+    with relay.client() as client:
+        client.sendmail("alice@example.org", ["nguyenvana@binhduong.gov.vn"], MESSAGE)
+    assert sink.messages[0].mail_from == "alice@example.org"
+
+
+def test_several_recipients_one_message_no_delivered_to(sink: SinkHandler, start_relay: Callable[..., Relay]) -> None:
+    relay = start_relay(sink.port)
+    with relay.client() as client:
+        client.mail("alice@example.org")
+        assert [client.rcpt(a)[0] for a in ("nguyenvana@binhduong.gov.vn", "tranthib@binhduong.gov.vn",
+                                            "tran.thi.b@brvt.gov.vn")] == [250, 250, 250]
+        assert client.data(MESSAGE)[0] == 250
+    [record] = relay.wait_records(1)
+    [message] = sink.messages
+    # two old addresses of one official: the next hop gets one RCPT; and no Delivered-To or "for" that would
+    # tell each recipient who else (Bcc too) received it
+    assert message.rcpt_tos == ["annv@hcm.gov.vn", "btt@hcm.gov.vn"]
+    assert message.content == received_of(record, None) + MESSAGE
+
+
+def test_srs_bounce_goes_back_to_the_original_sender(sink: SinkHandler, start_relay: Callable[..., Relay]) -> None:
+    relay = start_relay(sink.port)
+    bounce_to = "SRS0=YGd8Ke=7U=example.org=alice@srs.binhduong.gov.vn"
+    with relay.client() as client:
+        client.mail("<>")
+        assert client.rcpt(bounce_to) == (250, b"2.1.5 Ok")
+        assert client.data(b"Subject: Undelivered Mail\r\n\r\nsorry\r\n")[0] == 250
+        client.mail("mallory@example.org")
+        assert client.rcpt(bounce_to) == (550, b"5.7.1 Dia chi tra thu nay chi nhan thu bao loi gui (MAIL FROM:<>).\n"
+                                                b"5.7.1 This return address accepts bounces only")
+        client.rset()
+        client.mail("<>")
+        forged = "SRS0=AAAAAA=7U=example.org=alice@srs.binhduong.gov.vn"
+        assert client.rcpt(forged) == (550, b"5.1.1 Dia chi tra thu khong hop le hoac da het han.\n"
+                                            b"5.1.1 Invalid or expired return address")
+    assert [(m.mail_from, m.rcpt_tos) for m in sink.messages] == [("<>", ["alice@example.org"])]
+
+
+def test_smtputf8_recipient(sink: SinkHandler, start_relay: Callable[..., Relay]) -> None:
+    relay = start_relay(sink.port)
+    with relay.client() as client:
+        client.mail("alice@example.org")
+        client.command_encoding = "utf-8"  # a client that sends UTF-8 without asking for SMTPUTF8
+        assert client.rcpt("trần@binhduong.gov.vn") == (553, (
+            "5.6.7 Dia chi co ky tu ngoai ASCII chi duoc nhan khi lenh MAIL co tham so SMTPUTF8.\n"
+            "5.6.7 Non-ASCII address without the SMTPUTF8 parameter").encode())
+        client.rset()
+        client.mail("alice@example.org", ["SMTPUTF8"])
+        assert client.rcpt("trần@binhduong.gov.vn") == (250, b"2.1.5 Ok")
+        assert client.data(MESSAGE)[0] == 250
+    assert sink.messages[0].rcpt_tos == ["tranvan@hcm.gov.vn"]
+    assert "SMTPUTF8" in sink.messages[0].mail_options
+    assert b"Delivered-To: tr\xe1\xba\xa7n@binhduong.gov.vn\r\n" in sink.messages[0].content
+
+
+# --- refusals ----------------------------------------------------------------------------------------------------
+
+DENIED = (554, b"5.7.1 May chu nay chi nhan thu cho cac dia chi cu cua don vi, khong chuyen tiep thu cho <{}>.\n"
+               b"5.7.1 Relay access denied")
+UNKNOWN = (550, b"5.1.1 Khong co hop thu <{}> trong ten mien cu.\n5.1.1 No such user <{}>")
+
+
+@pytest.mark.parametrize(("command", "address", "expected"), [
+    pytest.param("<victim@example.org>", "victim@example.org", DENIED, id="other-domain"),
+    pytest.param("<victim@hcm.gov.vn>", "victim@hcm.gov.vn", DENIED, id="new-domain"),
+    pytest.param("<victim%example.org@binhduong.gov.vn>", "victim%example.org@binhduong.gov.vn", UNKNOWN,
+                 id="percent-hack"),
+    pytest.param("<example.org!victim@binhduong.gov.vn>", "example.org!victim@binhduong.gov.vn", UNKNOWN,
+                 id="bang-path"),
+    pytest.param("<@binhduong.gov.vn:victim@example.org>", "@binhduong.gov.vn:victim@example.org", DENIED,
+                 id="source-route"),
+    pytest.param("<@example.org:nguyenvana@binhduong.gov.vn>", "@example.org:nguyenvana@binhduong.gov.vn", DENIED,
+                 id="source-route-to-a-real-old-address"),
+    pytest.param('<"victim@example.org"@binhduong.gov.vn>', '"victim@example.org"@binhduong.gov.vn', UNKNOWN,
+                 id="quoted-local-part-with-at"),
+    pytest.param('<"nguyenvana"@binhduong.gov.vn>', '"nguyenvana"@binhduong.gov.vn', UNKNOWN, id="quoted-local-part"),
+    pytest.param("<victim@[127.0.0.1]>", "victim@[127.0.0.1]", DENIED, id="ip-literal"),
+    pytest.param("<victim@[IPv6:::1]>", "victim@[IPv6:::1]", DENIED, id="ipv6-literal"),
+    pytest.param("<postmaster>", "postmaster", DENIED, id="no-domain"),
+    pytest.param("<nobody@binhduong.gov.vn>", "nobody@binhduong.gov.vn", UNKNOWN, id="unknown"),
+])
+def test_open_relay_tricks_are_refused(sink: SinkHandler, start_relay: Callable[..., Relay], command: str,
+                                       address: str, expected: tuple[int, bytes]) -> None:
+    relay = start_relay(sink.port)
+    with relay.client() as client:
+        client.mail("spammer@example.org")
+        code, text = client.docmd("RCPT TO:" + command)
+        assert (code, text) == (expected[0], expected[1].replace(b"{}", address.encode()))
+        assert client.docmd("DATA") == (503, b"Error: need RCPT command")
+    assert sink.commands == []  # the next hop was never even asked
+    [record] = relay.wait_records(1)
+    assert [(r.to, r.verdict, r.new) for r in record.recipients] == [
+        (address, "unknown" if expected[0] == 550 else "relay-denied", None)]
+
+
+def test_expired_address_names_the_new_one(sink: SinkHandler, start_relay: Callable[..., Relay]) -> None:
+    relay = start_relay(sink.port)
+    with relay.client() as client:
+        client.mail("alice@example.org")
+        assert client.rcpt("lethic@binhduong.gov.vn") == (550, (
+            "5.1.6 Dia chi nay da ngung su dung; nguoi nhan da chuyen sang dia chi moi <clt@hcm.gov.vn>, "
+            "vui long gui lai thu toi dia chi moi.\n5.1.6 User has moved; please use <clt@hcm.gov.vn>").encode())
+    assert sink.commands == []
+
+
+def test_too_many_recipients(sink: SinkHandler, start_relay: Callable[..., Relay]) -> None:
+    relay = start_relay(sink.port, max_recipients=2)
+    with relay.client() as client:
+        client.mail("alice@example.org")
+        assert client.rcpt("nguyenvana@binhduong.gov.vn")[0] == 250
+        assert client.rcpt("tranthib@binhduong.gov.vn")[0] == 250
+        assert client.rcpt("tran.thi.b@brvt.gov.vn") == (452, (
+            "4.5.3 Qua nhieu nguoi nhan trong mot thu (toi da 2); vui long gui cho nhung nguoi con lai sau.\n"
+            "4.5.3 Too many recipients (at most 2 per message)").encode())
+
+
+def test_message_size_limit_is_advertised_and_enforced(sink: SinkHandler, start_relay: Callable[..., Relay]) -> None:
+    relay = start_relay(sink.port, max_message_size=2000)
+    with relay.client() as client:
+        assert client.esmtp_features["size"] == "2000"
+        assert client.mail("alice@example.org", ["SIZE=5000"]) == (
+            552, b"Error: message size exceeds fixed maximum message size")
+        client.mail("alice@example.org")
+        client.rcpt("nguyenvana@binhduong.gov.vn")
+        assert client.data(b"Subject: big\r\n\r\n" + b"x" * 80 + b"\r\n" * 3000) == (552, b"Error: Too much mail data")
+        # the next-hop transaction left open by the refused message is reset before the next one
+        client.mail("alice@example.org")
+        client.rcpt("nguyenvana@binhduong.gov.vn")
+        assert client.data(MESSAGE)[0] == 250
+    assert sink.commands.count("RSET") == 1 and len(sink.messages) == 1
+
+
+@pytest.mark.parametrize(("header", "reason"), [
+    (b"Delivered-To: NGUYENVANA@binhduong.gov.vn\r\n", "already delivered to nguyenvana@binhduong.gov.vn"),
+    (b"Received: from a by b; Thu, 1 Jan 2026 00:00:00 +0000\r\n" * 6, "6 Received header fields, more than 5"),
+])
+def test_loops_are_refused(sink: SinkHandler, start_relay: Callable[..., Relay], header: bytes, reason: str) -> None:
+    relay = start_relay(sink.port)
+    with relay.client() as client:
+        client.mail("alice@example.org")
+        client.rcpt("nguyenvana@binhduong.gov.vn")
+        assert client.data(header + MESSAGE) == (554, (
+            "5.4.6 Phat hien thu chay vong giua cac may chu; thu khong duoc chuyen tiep.\n"
+            f"5.4.6 Mail loop detected: {reason}").encode())
+        # five Received fields are fine, and the session goes on
+        client.mail("alice@example.org")
+        client.rcpt("nguyenvana@binhduong.gov.vn")
+        assert client.data(b"Received: x\r\n" * 5 + MESSAGE)[0] == 250
+    assert "RSET" in sink.commands and len(sink.messages) == 1
+
+
+# --- the next hop's verdicts -----------------------------------------------------------------------------------
+
+
+def test_next_hop_5xx_at_rcpt_is_passed_back(sink: SinkHandler, start_relay: Callable[..., Relay]) -> None:
+    sink.rcpt_replies["rejectme@hcm.gov.vn"] = "550 5.1.1 <rejectme@hcm.gov.vn>: Recipient address rejected"
+    relay = start_relay(sink.port)
+    with relay.client() as client:
+        client.mail("alice@example.org")
+        assert client.rcpt("phamd@binhduong.gov.vn") == (550, b"5.1.1 <rejectme@hcm.gov.vn>: Recipient address rejected")
+        assert client.rcpt("nguyenvana@binhduong.gov.vn")[0] == 250
+        assert client.data(MESSAGE)[0] == 250
+    assert sink.messages[0].rcpt_tos == ["annv@hcm.gov.vn"]
+
+
+def test_next_hop_4xx_at_rcpt_becomes_451(sink: SinkHandler, start_relay: Callable[..., Relay]) -> None:
+    sink.rcpt_replies["full@hcm.gov.vn"] = "452 4.2.2 Mailbox full"
+    relay = start_relay(sink.port)
+    with relay.client() as client:
+        client.mail("alice@example.org")
+        assert client.rcpt("hoange@binhduong.gov.vn") == (451, (
+            b"4.4.0 May chu thu moi tam thoi chua nhan thu; vui long thu lai sau.\n"
+            b"4.4.0 Next hop deferred: 452 4.2.2 Mailbox full"))
+
+
+@pytest.mark.parametrize(("reply", "expected"), [
+    ("554 5.6.0 Message content rejected", (554, b"5.6.0 Message content rejected")),
+    ("452 4.3.1 Insufficient system storage", (451, b"4.4.0 May chu thu moi tam thoi chua nhan thu; vui long thu "
+                                                    b"lai sau.\n4.4.0 Next hop deferred: 452 4.3.1 Insufficient system "
+                                                    b"storage")),
+])
+def test_next_hop_verdict_at_data(sink: SinkHandler, start_relay: Callable[..., Relay], reply: str,
+                                  expected: tuple[int, bytes]) -> None:
+    sink.data_reply = reply
+    relay = start_relay(sink.port)
+    with relay.client() as client:
+        client.mail("alice@example.org")
+        client.rcpt("nguyenvana@binhduong.gov.vn")
+        assert client.data(MESSAGE) == expected
+    assert relay.wait_records(1)[0].next_hop == reply
+
+
+def test_next_hop_mail_refusal(sink: SinkHandler, start_relay: Callable[..., Relay]) -> None:
+    sink.mail_reply = "553 5.7.1 Sender address rejected"
+    relay = start_relay(sink.port)
+    with relay.client() as client:
+        client.mail("alice@example.org")
+        assert client.rcpt("nguyenvana@binhduong.gov.vn") == (553, b"5.7.1 Sender address rejected")
+        assert client.rcpt("tranthib@binhduong.gov.vn") == (553, b"5.7.1 Sender address rejected")
+    assert sink.commands == ["MAIL SRS0=YGd8Ke=7U=example.org=alice@srs.binhduong.gov.vn"]
+
+
+def test_next_hop_unreachable(start_relay: Callable[..., Relay]) -> None:
+    relay = start_relay(free_port())  # nothing listens there
+    with relay.client() as client:
+        client.mail("alice@example.org")
+        assert client.rcpt("nguyenvana@binhduong.gov.vn") == (451, (
+            b"4.4.1 Tam thoi chua chuyen duoc thu toi may chu thu moi; vui long thu lai sau.\n"
+            b"4.4.1 Next hop unavailable (unreachable); try again later"))
+        assert client.docmd("DATA") == (503, b"Error: need RCPT command")
+
+
+def test_next_hop_timeout(sink: SinkHandler, start_relay: Callable[..., Relay]) -> None:
+    sink.delays["RCPT"] = 3.0
+    relay = start_relay(sink.port, next_hop_timeout=0.5)
+    started_at = time.monotonic()
+    with relay.client() as client:
+        client.mail("alice@example.org")
+        assert client.rcpt("nguyenvana@binhduong.gov.vn") == (451, (
+            b"4.4.2 Tam thoi chua chuyen duoc thu toi may chu thu moi; vui long thu lai sau.\n"
+            b"4.4.2 Next hop unavailable (timeout); try again later"))
+        # the next-hop connection is out of step after a timeout: the transaction is over for this client
+        assert client.rcpt("tranthib@binhduong.gov.vn")[0] == 451
+    assert time.monotonic() - started_at < 2.5
+
+
+def test_waiting_for_the_next_hop_does_not_time_the_client_out(sink: SinkHandler,
+                                                               start_relay: Callable[..., Relay]) -> None:
+    sink.delays.update(MAIL=0.6, RCPT=0.6, DATA=0.6)
+    relay = start_relay(sink.port, next_hop_timeout=0.9, timeout=1.0)
+    with relay.client() as client:
+        client.mail("alice@example.org")
+        # 1.2 s of next-hop answers for one RCPT, with a 1 s session timeout: each call restarts the timer
+        assert client.rcpt("nguyenvana@binhduong.gov.vn")[0] == 250
+        assert client.data(MESSAGE)[0] == 250
+    assert len(sink.messages) == 1
+
+
+def test_handler_exception_is_451_without_internals(sink: SinkHandler, start_relay: Callable[..., Relay]) -> None:
+    class Broken:
+        def lookup(self, address: str, today: dt.date) -> None:
+            raise RuntimeError("database password is hunter2")
+
+    relay = start_relay(sink.port)
+    relay.handler.address_map = Broken()  # type: ignore[assignment]
+    with relay.client() as client:
+        client.mail("alice@example.org")
+        code, text = client.rcpt("nguyenvana@binhduong.gov.vn")
+        assert (code, text) == (451, b"4.3.0 Loi tam thoi o may chu chuyen tiep; vui long thu lai sau.\n"
+                                     b"4.3.0 Temporary relay error; try again later")
+        assert client.noop()[0] == 250
+
+
+# --- SMTP smuggling --------------------------------------------------------------------------------------------
+
+SMUGGLED = b"MAIL FROM:<ceo@binhduong.gov.vn>\r\nRCPT TO:<tranthib@binhduong.gov.vn>\r\nDATA\r\nSubject: forged\r\n\r\nx\r\n"
+
+
+@pytest.mark.parametrize(("fake_end", "body"), [
+    # a bare CR or LF became CRLF, so the lone dot is now a line of its own: dot-stuffed on the way out and
+    # un-stuffed by the next hop, it stays in the one message, which shows the smuggling attempt
+    (b"\n.\n", b"first part\r\n.\r\nMAIL FROM:"),
+    (b"\r.\r", b"first part\r\n.\r\nMAIL FROM:"),
+    (b"\n.\r\n", b"first part\r\n.\r\nMAIL FROM:"),
+    (b"\r.\r\n", b"first part\r\n.\r\nMAIL FROM:"),
+    # after a real CRLF the dot is the transparency dot of RFC 5321 4.5.2, which the receiver removes
+    (b"\r\n.\n", b"first part\r\n\r\nMAIL FROM:"),
+    (b"\r\n.\r", b"first part\r\n\r\nMAIL FROM:"),
+])
+def test_smuggling_does_not_end_data(sink: SinkHandler, start_relay: Callable[..., Relay], fake_end: bytes,
+                                     body: bytes) -> None:
+    relay = start_relay(sink.port)
+    with relay.client() as client:
+        client.mail("alice@example.org")
+        client.rcpt("nguyenvana@binhduong.gov.vn")
+        assert client.docmd("DATA")[0] == 354
+        client.send(b"Subject: hello\r\n\r\nfirst part" + fake_end + SMUGGLED + b".\r\n")
+        assert client.getreply() == (250, b"2.0.0 Ok: queued as Q1")
+        assert client.noop() == (250, b"OK")  # still in step: no reply was left over
+    [message] = sink.messages
+    assert sink.commands.count("DATA") == 1 and message.rcpt_tos == ["annv@hcm.gov.vn"]
+    assert message.content.split(b"\r\n\r\n", 1)[1] == body + SMUGGLED.split(b":", 1)[1]
+
+
+def test_client_gone_during_data_next_hop_call_is_finished(sink: SinkHandler,
+                                                          start_relay: Callable[..., Relay]) -> None:
+    sink.delays["DATA"] = 0.5
+    relay = start_relay(sink.port)
+    client = relay.client()
+    client.mail("alice@example.org")
+    client.rcpt("nguyenvana@binhduong.gov.vn")
+    client.docmd("DATA")
+    client.send(MESSAGE + b".\r\n")
+    time.sleep(0.1)
+    client.close()  # the client gives up before the next hop answered
+    [record] = relay.wait_records(1)
+    assert (record.result, record.next_hop) == ("client disconnected", "250 2.0.0 Ok: queued as Q1")
+    assert len(sink.messages) == 1  # shielded: the next-hop call was not cut off half-way
+
+
+# --- Postfix smtp-sink as the next hop -------------------------------------------------------------------------
+
+
+class OptionSink(SmtpSink):
+    """Postfix smtp-sink started with extra options (-r RCPT: 4xx at RCPT, -f RCPT: 5xx, ...)."""
+
+    def __init__(self, *options: str) -> None:
+        super().__init__(hostname="mx.hcm.test")
+        self.options = options
+
+    def start(self) -> None:
+        """Start smtp-sink like SmtpSink does, with the extra options."""
+        program = require_program("smtp-sink", "postfix")
+        self.dir = make_server_dir("mmg-sink-")
+        self.port = free_port()
+        self.dump_dir.mkdir()
+        args = [program, "-4", "-h", self.hostname, "-d", f"{self.dump_dir}/%Y%m%d%H%M%S.", *self.options]
+        if os.geteuid() == 0:
+            args += ["-u", NOBODY]
+            os.chown(self.dump_dir, pwd.getpwnam(NOBODY).pw_uid, -1)
+        args += [f"{LOOPBACK}:{self.port}", "64"]
+        log = self.dir / "smtp-sink.log"
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        wait_until(lambda: read_banner(self.port).startswith(b"220"), self.proc, "smtp-sink", [log])
+
+
+def test_postfix_smtp_sink_receives_the_exact_message(smtp_sink: SmtpSink, start_relay: Callable[..., Relay]) -> None:
+    relay = start_relay(smtp_sink.port)
+    with relay.client() as client:
+        client.mail("alice@example.org")
+        client.rcpt("nguyenvana@binhduong.gov.vn")
+        assert client.data(MESSAGE)[0] == 250
+    [record] = relay.wait_records(1)
+    deadline = time.monotonic() + 5
+    while not smtp_sink.messages() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    [dump] = smtp_sink.messages()
+    # smtp-sink writes its own X- fields and Received first, and stores lines with LF
+    assert b"X-Mail-Args: <SRS0=YGd8Ke=7U=example.org=alice@srs.binhduong.gov.vn>\n" in dump
+    assert b"X-Rcpt-Args: <annv@hcm.gov.vn>\n" in dump
+    relayed = received_of(record, "nguyenvana@binhduong.gov.vn") + b"Delivered-To: nguyenvana@binhduong.gov.vn\r\n" + MESSAGE
+    assert dump.endswith(relayed.replace(b"\r\n", b"\n") + b"\n")
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    (("-r", "RCPT"), (451, b"4.4.0 May chu thu moi tam thoi chua nhan thu; vui long thu lai sau.\n"
+                           b"4.4.0 Next hop deferred: 450 4.3.0 Error: command failed")),
+    (("-f", "RCPT"), (500, b"5.3.0 Error: command failed")),
+])
+def test_postfix_smtp_sink_refusals(start_relay: Callable[..., Relay], options: tuple[str, ...],
+                                    expected: tuple[int, bytes]) -> None:
+    sink = started(OptionSink(*options))
+    try:
+        relay = start_relay(sink.port)
+        with relay.client() as client:
+            client.mail("alice@example.org")
+            assert client.rcpt("nguyenvana@binhduong.gov.vn") == expected
+    finally:
+        sink.stop()
