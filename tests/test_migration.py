@@ -3,6 +3,7 @@
 import datetime as dt
 import email.utils
 import itertools
+import time
 from pathlib import Path
 
 import imapclient
@@ -267,3 +268,32 @@ def test_a_folder_reset_is_matched_by_content_and_its_flag_changes_follow(exampl
         assert flags == sorted(info.flags for info in source().list_messages("Trash"))
         assert ("\\Seen", "\\Flagged") in flags
         assert verify_mailbox(job, source, target, store).ok
+
+
+def test_the_source_restarting_mid_folder_loses_and_doubles_nothing(mailboxes, dovecot_old, dovecot_new) -> None:
+    job, source, target, store = mailboxes
+    restarted = []
+
+    def restart_once(job_, folder, done, total) -> None:
+        if not restarted:
+            restarted.append(folder)
+            dovecot_old.restart()  # the source connection (and the prefetch on it) drops here
+
+    outcome = migrate_mailbox(job, source, target, store, progress=restart_once, pauses=(0.1,))
+    assert restarted and (outcome.status, outcome.error) == ("ok", None)
+    assert contents(dovecot_new, job.target_mailbox) == contents(dovecot_old, job.mailbox)
+    assert verify_mailbox(job, source, target, store).ok
+
+
+def test_an_unknown_mailbox_fails_at_once_with_a_clear_reason(dovecot_old, dovecot_new, tmp_path) -> None:
+    old, new = imap_server(dovecot_old, tmp_path), imap_server(dovecot_new, tmp_path)
+    job = MailboxJob("binhduong", "nobody@binhduong.gov.vn", "nobody@hcm.gov.vn")
+    dovecot_new.add_user(job.target_mailbox, "pw")
+    with open_store(tmp_path / "state.sqlite") as store:
+        began = time.monotonic()
+        outcome = migrate_mailbox(job, lambda: open_imap(old, job.mailbox), lambda: open_imap(new, job.target_mailbox),
+                                  store, pauses=(30.0,))
+        assert time.monotonic() - began < 10  # a refused login is not retried (a retry would wait 30 s)
+    assert outcome.status == "failed"
+    assert outcome.error == (f"imap://127.0.0.1:{dovecot_old.imap_port}: login for nobody@binhduong.gov.vn as "
+                             "nobody@binhduong.gov.vn*admin failed: [AUTHORIZATIONFAILED] Authorization failed")
