@@ -9,16 +9,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import jinja2
-
 from mailmerge_gov.config import Config
 from mailmerge_gov.directory.access import Membership, group_codes
 from mailmerge_gov.directory.model import Issue, NewUnit, Structure
 from mailmerge_gov.directory.plan import ISSUE_KINDS, Plan, collector_paused
-
-_ENV = jinja2.Environment(loader=jinja2.PackageLoader("mailmerge_gov", "templates"),
-                          autoescape=jinja2.select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True)
-
+from mailmerge_gov.reportfiles import TEMPLATES, write_private_files
 
 @dataclass(frozen=True)
 class TreeNode:
@@ -140,12 +135,12 @@ def _write_report(plan: Plan, config: Config, folder: Path, created_at: str, act
     changed = [(p.full_name, p.kind == "role", names.get(p.unit_code or "", "—"), p.address,
                 ", ".join(a.address for a in p.aliases), ", ".join(p.records))
                for p in plan.people if not p.disabled and not p.kept]
-    html = _ENV.get_template("plan.html").render(
+    html = TEMPLATES.get_template("plan.html").render(
         plan=plan, config=config, summary=plan.summary, created_at=created_at, actor=actor, sections=sections,
         files=files, changed=changed,
         tree_roots=unit_tree(plan.structure, counts, exclude=set(group_codes(plan.groups, plan.structure))),
     )
-    _write_files(folder, ((files.html, html), (files.people_csv, people_csv(plan)), (files.issues_csv, issues_csv(plan))))
+    write_private_files(folder, ((files.html, html), (files.people_csv, people_csv(plan)), (files.issues_csv, issues_csv(plan))))
     return files
 
 
@@ -164,18 +159,7 @@ def access_csv(rows: Sequence[Membership]) -> str:
 def write_access_report(plan: Plan, rows: Sequence[Membership], config: Config, folder: Path,
                         config_path: str) -> tuple[Path, Path]:
     """Write the access review of a plan as HTML and CSV; return both paths."""
-    html = _ENV.get_template("access.html").render(plan=plan, rows=rows, config=config, config_path=config_path)
+    html = TEMPLATES.get_template("access.html").render(plan=plan, rows=rows, config=config, config_path=config_path)
     paths = (folder / f"access-review-{plan.id}.html", folder / f"access-review-{plan.id}.csv")
-    _write_files(folder, ((paths[0], html), (paths[1], access_csv(rows))))
+    write_private_files(folder, ((paths[0], html), (paths[1], access_csv(rows))))
     return paths
-
-
-def _write_files(folder: Path, files: Sequence[tuple[Path, str]]) -> None:
-    """Write report files atomically (a reader never sees half a report)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for path, text in files:
-        temporary = path.with_name(path.name + ".tmp")
-        # Reports name officials with their old addresses and units: owner-readable only.
-        temporary.touch(mode=0o600)
-        temporary.write_text(text, encoding="utf-8")
-        temporary.replace(path)

@@ -8,14 +8,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import jinja2
-
 from mailmerge_gov.migration.sync import MailboxCheck, MailboxJob, MailboxOutcome
+from mailmerge_gov.reportfiles import TEMPLATES, write_private_files
 from mailmerge_gov.store import Store
-
-_ENV = jinja2.Environment(loader=jinja2.PackageLoader("mailmerge_gov", "templates"),
-                          autoescape=jinja2.select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True)
-
 
 @dataclass(frozen=True)
 class FolderTotals:
@@ -91,13 +86,8 @@ def mailbox_reports(store: Store, jobs: Sequence[MailboxJob], outcomes: Sequence
 
 def write_migration_report(reports: Sequence[MailboxReport], folder: Path, name: str, title: str) -> tuple[Path, Path]:
     """Write the report as HTML and JSON into folder; return both paths."""
-    folder.mkdir(parents=True, exist_ok=True)
-    html = _ENV.get_template("migration.html").render(reports=reports, title=title)
+    html = TEMPLATES.get_template("migration.html").render(reports=reports, title=title)
     data: list[dict[str, Any]] = [{**asdict(r), "speed": round(r.speed, 1)} for r in reports]
     paths = (folder / f"{name}.html", folder / f"{name}.json")
-    for path, text in ((paths[0], html), (paths[1], json.dumps(data, ensure_ascii=False, indent=1) + "\n")):
-        temporary = path.with_name(path.name + ".tmp")
-        temporary.touch(mode=0o600)  # the report names people's mailboxes
-        temporary.write_text(text, encoding="utf-8")
-        temporary.replace(path)
+    write_private_files(folder, ((paths[0], html), (paths[1], json.dumps(data, ensure_ascii=False, indent=1) + "\n")))
     return paths
