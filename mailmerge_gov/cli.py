@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
+import json
 import logging
 import sys
 from collections import Counter
@@ -11,8 +13,11 @@ from pathlib import Path
 from typing import Iterator
 
 import click
+import rich.box
 import rich.console
+import rich.markup
 import rich.progress
+import rich.table
 
 from mailmerge_gov import __version__
 from mailmerge_gov.check import check_config
@@ -25,6 +30,7 @@ from mailmerge_gov.directory.export import (address_map, directory_csv, director
                                            map_csv)
 from mailmerge_gov.directory.ldif import format_entry
 from mailmerge_gov.directory.plan import PlanError, collector_paused, load_plan, make_plan
+from mailmerge_gov.directory.search import SearchError, build_index, index_path, search
 from mailmerge_gov.directory.report import write_access_report, write_report
 from mailmerge_gov.directory.sources import SourceError, read_source
 from mailmerge_gov.directory.structure import StructureError, load_structure
@@ -330,6 +336,48 @@ def _write_or_echo(text: str, output: Path | None, what: str) -> None:
     temporary.write_text(text, encoding="utf-8", newline="")
     temporary.replace(output)
     click.echo(f"wrote {output}: {what}", err=True)
+
+
+@directory.command("index")
+@config_option
+def directory_index(config_path: Path) -> None:
+    """Build the staff search index from the new directory (LDAP or its LDIF file), replacing the old one whole."""
+    config = read_config(config_path)
+    if config.target.directory is None:
+        raise click.ClickException(f"{config.path}: [target.directory] is not set: there is no new directory to index")
+    path = index_path(config.state_file)
+    try:
+        count = build_index(config.target.directory, path)
+    except (SourceError, SearchError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"indexed {count} officials: {path}")
+
+
+@directory.command("search")
+@config_option
+@click.argument("query")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON, for scripts.")
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True, help="At most this many results.")
+def directory_search(config_path: Path, query: str, as_json: bool, limit: int) -> None:
+    """Find officials by name (with or without diacritics), initials, address (old ones too), phone, title or unit."""
+    config = read_config(config_path)
+    try:
+        found = search(index_path(config.state_file), query, limit)
+    except SearchError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(p) for p in found], ensure_ascii=False, indent=1))
+        return
+    if not found:
+        click.echo(f"no official matches '{query}'")
+        return
+    table = rich.table.Table("name", "title", "unit", "mail", "phone", box=rich.box.SIMPLE)
+    table.columns[3].overflow = "fold"  # an address is never cut short: it is what people copy
+    for person in found:
+        formerly = "; ".join(person.old_addresses + person.old_units)
+        table.add_row(person.full_name + (f"\n[dim]formerly: {rich.markup.escape(formerly)}[/dim]" if formerly else ""),
+                      person.title, person.unit, person.mail, ", ".join(person.phones))
+    rich.console.Console(highlight=False).print(table)
 
 
 @directory.command("export-map")

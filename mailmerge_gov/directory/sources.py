@@ -17,7 +17,7 @@ import ldap3
 import ldap3.core.exceptions
 import orjson
 
-from mailmerge_gov.config import LdapServer, SecretError, Source
+from mailmerge_gov.config import DirectoryConfig, LdapServer, SecretError, Source
 from mailmerge_gov.ldapconn import LdapConnectError, failure_reason, open_connection, result_reason
 from mailmerge_gov.directory.ldif import LdifError, read_ldif
 from mailmerge_gov.directory.model import RawAttributes, SourceRecord
@@ -233,6 +233,19 @@ def _unique(dns: list[str] | tuple[str, ...]) -> tuple[str, ...]:
 
 
 # --- LDIF ----------------------------------------------------------------------------------------
+
+
+def directory_entries(directory: DirectoryConfig) -> Iterator[tuple[str, RawAttributes]]:
+    """Yield (DN, attributes) of every entry of an LDAP directory or LDIF file; SourceError when unreadable."""
+    if directory.kind == "ldif" and directory.path is not None:
+        entries = _ldif_entries(directory.path)
+    elif directory.kind == "ldap" and directory.ldap is not None:
+        entries = _ldap_entries(directory.ldap, ["mailmergeAccountStatus"])
+    else:
+        raise SourceError(f"a {directory.kind} directory cannot be read as entries")
+    with contextlib.closing(entries):
+        for entry in entries:
+            yield entry.dn, entry.attributes
 
 
 def _ldif_entries(path: Path) -> Iterator[_Entry]:
