@@ -6,7 +6,6 @@ import contextlib
 import dataclasses
 import gc
 import hashlib
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -15,9 +14,9 @@ from mailmerge_gov.config import Config
 from mailmerge_gov.directory.addressing import Assignment, Candidate, assign_addresses, held_addresses
 from mailmerge_gov.directory.identity import Resolution, is_role, resolve_identities
 from mailmerge_gov.directory.model import Alias, Issue, PlannedPerson, SourceRecord, Structure, UnitMapping
-from mailmerge_gov.directory.sources import RecordRows, SourceRead, read_source
+from mailmerge_gov.directory.sources import RecordRows, read_source
 from mailmerge_gov.directory.structure import load_structure, map_unit
-from mailmerge_gov.store import AddressRow, Store, open_store
+from mailmerge_gov.store import AddressRow, Store
 from mailmerge_gov.vietnamese import NameParts, split_name
 
 
@@ -60,42 +59,12 @@ ISSUE_KINDS = {
 def read_sources(config: Config, store: Store) -> tuple[dict[str, Any], str]:
     """Read every source into the store; return the reads and the digest of all inputs."""
     reads = {source.name: read_source(source) for source in config.sources}
-    return reads, inputs_digest(config, save_reads(store, reads))
-
-
-def save_reads(store: Store, reads: dict[str, SourceRead]) -> dict[str, str]:
-    """Store every source's records, each encoded once for the store and its digest; return the digests."""
     digests = {}
     for name, read in reads.items():
-        rows = RecordRows(read.records)
+        rows = RecordRows(read.records)  # encoded once, for the store and the digest
         store.save_source_records(name, rows, rows.hexdigest)
         digests[name] = rows.hexdigest()
-    return digests
-
-
-class _BackgroundSave(threading.Thread):
-    """Store the records read while the plan is worked out (a second of SQLite at 100,000 officials)."""
-
-    def __init__(self, path: Path, reads: dict[str, SourceRead]) -> None:
-        super().__init__(name="save-records", daemon=True)
-        self.path, self.reads = path, reads
-        self.digests: dict[str, str] = {}
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        """Save on a state-store connection of the thread's own (SQLite connections stay in their thread)."""
-        try:
-            with open_store(self.path) as store:
-                self.digests = save_reads(store, self.reads)
-        except BaseException as exc:  # noqa: BLE001 - handed to the plan's thread, which raises it
-            self.error = exc
-
-    def result(self) -> dict[str, str]:
-        """Wait for the save; return the digests or raise what stopped it."""
-        self.join()
-        if self.error is not None:
-            raise self.error
-        return self.digests
+    return reads, inputs_digest(config, digests)
 
 
 def inputs_digest(config: Config, source_digests: dict[str, str]) -> str:
@@ -142,19 +111,7 @@ def _make_plan(config: Config, store: Store) -> Plan:
     if config.directory.structure is None:
         raise PlanError(f"{config.path}: [directory] structure is not set: name the unit mapping file "
                         "(mailmerge-gov directory draft-structure drafts one)")
-    reads = {source.name: read_source(source) for source in config.sources}
-    # The records go into the store on another thread while this one resolves identities: SQLite
-    # works without the interpreter lock, and nothing below reads them back.
-    saving = _BackgroundSave(store.path, reads)
-    saving.start()
-    try:
-        return _plan_from(config, store, reads, saving)
-    finally:
-        saving.join()
-
-
-def _plan_from(config: Config, store: Store, reads: dict[str, SourceRead], saving: _BackgroundSave) -> Plan:
-    """Make the plan from the records read (saved meanwhile by `saving`)."""
+    reads, digest = read_sources(config, store)
     structure = load_structure(config.directory.structure, config)
     units = _Units(structure)
     records = [record for read in reads.values() for record in read.records]
@@ -193,7 +150,6 @@ def _plan_from(config: Config, store: Store, reads: dict[str, SourceRead], savin
     _save_addresses(store, people)
     groups = tuple(r for r in records if r.kind == "group")
     summary = _summary(config, reads, people, issues, structure)
-    digest = inputs_digest(config, saving.result())
     plan_id = store.save_plan(digest, summary, [(p.identity, _person_json(p)) for p in people],
                               [(i.kind, i.subject, i.blocking, i.detail) for i in issues])
     store.audit("directory-plan", f"plan:{plan_id}", after=summary)
