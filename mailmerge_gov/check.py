@@ -160,8 +160,7 @@ def _check_mail(config: Config, subject: str, server: MailServer, output: bool =
     if server.kind == "imap":
         return _check_imap(subject, server)
     if server.kind == "ews":
-        # Exchange support arrives with the EWS backend; until then say so instead of guessing.
-        return CheckResult(subject, server.url or "", False, "EWS servers cannot be checked yet (no EWS backend)")
+        return _check_ews(subject, server)
     assert server.path is not None
     if output:
         return _check_output(config, subject, server.path, "Maildir root" if server.kind == "maildir" else "mbox")
@@ -228,6 +227,34 @@ def _check_imap(subject: str, server: MailServer) -> CheckResult:
     finally:
         _quietly_logout(client)
     return CheckResult(subject, url, True, f"logged in as {who}, {len(folders)} folders")
+
+
+def _check_ews(subject: str, server: MailServer) -> CheckResult:
+    """Open probe_mailbox on an Exchange server the way the migration opens every mailbox, and list its folders."""
+    from mailmerge_gov.migration.ews import open_ews  # imports exchangelib only when a config has an EWS server
+    from mailmerge_gov.migration.protocol import MailboxError
+
+    url = server.url or ""
+    if not server.probe_mailbox:
+        way = ("each mailbox logs in with its own password" if server.credentials_file is not None
+               else f"{server.admin_user} opens each mailbox by "
+                    f"{'delegate access' if server.access == 'delegate' else 'impersonation'}")
+        return CheckResult(subject, url, False, f"{way}: set probe_mailbox to one to try")
+    try:
+        store = open_ews(server, server.probe_mailbox)
+    except MailboxError as exc:
+        # the store's messages start with the URL, which the result shows already
+        return CheckResult(subject, url, False, str(exc).removeprefix(f"{url} "))
+    try:
+        folders = store.folders()
+        how = store.how
+    except MailboxError as exc:
+        return CheckResult(subject, url, False, str(exc).removeprefix(f"{url} "))
+    finally:
+        store.close()
+    mail = sum(f.selectable for f in folders)
+    return CheckResult(subject, url, True, f"opened {server.probe_mailbox} as {how} (EWS {server.version}, "
+                                           f"{server.auth.upper()}), {mail} mail folders")
 
 
 def _imap_text(exc: BaseException) -> str:

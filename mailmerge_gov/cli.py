@@ -380,6 +380,24 @@ def directory_search(config_path: Path, query: str, as_json: bool, limit: int) -
     rich.console.Console(highlight=False).print(table)
 
 
+@directory.command("serve")
+@config_option
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="Port to listen on.")
+def directory_serve(config_path: Path, host: str, port: int) -> None:
+    """Serve the staff directory website and JSON API over the index of `directory index` (uvicorn)."""
+    config = read_config(config_path)
+    path = index_path(config.state_file)
+    if not path.exists():
+        raise click.ClickException(f"there is no search index at {path}: build it with `mailmerge-gov directory index`")
+    import uvicorn  # the web stack is loaded only by this command
+
+    from mailmerge_gov.web import create_app
+
+    click.echo(f"serving the staff directory of {path} at http://{host}:{port}/", err=True)
+    uvicorn.run(create_app(path), host=host, port=port, log_level="info", proxy_headers=False)
+
+
 @directory.command("export-map")
 @config_option
 @output_option
@@ -575,8 +593,9 @@ def relay_serve(config_path: Path) -> None:
     """Run the relay in the foreground until SIGTERM.
 
     Logs one JSON line per transaction on standard error. SIGHUP reloads the config's
-    address map and SRS secrets (a bad map is refused and the old one kept); SIGTERM stops
-    accepting and lets open sessions finish within [relay] shutdown_timeout.
+    address map, SRS secrets and TLS certificate (a bad map is refused and the old one kept);
+    SIGTERM stops accepting and lets open sessions finish within [relay] shutdown_timeout.
+    With [relay] metrics_listen, GET /metrics on that address shows the counters.
     """
     config = read_config(config_path)
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import datetime as dt
 import os
 import re
@@ -21,6 +22,13 @@ T = TypeVar("T")
 
 PRESETS = ("openldap", "ad", "zimbra")
 IMAP_LOGINS = ("user", "master", "authzid")
+# EWS: how the service account opens an official's mailbox, how it authenticates, and the server versions
+# (RequestServerVersion names; pinned so that no probe request is needed).
+EWS_ACCESS = ("impersonation", "delegate")
+EWS_AUTH = ("ntlm", "basic")
+EWS_VERSIONS = ("Exchange2010", "Exchange2010_SP1", "Exchange2010_SP2", "Exchange2013", "Exchange2013_SP1",
+                "Exchange2016", "Exchange2019")
+_EWS_KEYS = ("access", "auth", "version", "max_backoff")
 
 # Keys people reach for when they want to write a password into the file. They are refused
 # with the two safe ways instead, so a secret never ends up in a file that gets copied,
@@ -170,6 +178,10 @@ class MailServer:
     max_connections: int = 4
     subtree: str | None = None  # a source's folders go under this target folder ("Lưu trữ/Bình Dương")
     credentials_file: Path | None = None  # login = "user": each mailbox's own password (CSV mailbox,password)
+    access: str = "impersonation"  # EWS: admin_user opens mailboxes by impersonation or as a delegate
+    auth: str = "ntlm"  # EWS: HTTP authentication, "ntlm" or "basic"
+    version: str = "Exchange2016"  # EWS: the server version requests are written for (one of EWS_VERSIONS)
+    max_backoff: float = 600.0  # EWS: seconds one request may wait in total while the server throttles
 
     @property
     def host(self) -> str:
@@ -252,6 +264,15 @@ class Relay:
     next_hop_ca_file: Path | None = None  # smtps:// next hop signed by a private CA
     max_hops: int = 50  # more Received headers than this: a mail loop
     shutdown_timeout: float = 30.0  # SIGTERM: how long open sessions may take to finish
+    tls_cert_file: Path | None = None  # inbound STARTTLS: certificate chain (PEM); set with tls_key_file
+    tls_key_file: Path | None = None
+    require_tls: bool = False  # refuse MAIL before STARTTLS (530 5.7.0); needs the certificate
+    max_connections: int = 200  # client connections at once; more get 421 4.7.0
+    max_connections_per_ip: int = 20  # client connections at once from one IP address
+    metrics_listen: tuple[str, int] | None = None  # Prometheus /metrics over HTTP; off when unset
+    arc_selector: str | None = None  # ARC seal (RFC 8617): the three arc_* keys together, or none of them
+    arc_domain: str | None = None
+    arc_key_file: Path | None = None  # RSA private key (PEM) whose public half is at selector._domainkey.domain
 
     @property
     def next_hop_host(self) -> str:
@@ -688,8 +709,40 @@ def _read_mail(table: _Table, target: bool = False) -> MailServer:
     if server.credentials_file is not None and login != "user":
         raise table.error("credentials_file", "a credentials file holds the users' own passwords: it goes with "
                                               "login = \"user\" (a master user or authzid needs none)")
+    if kind == "ews":
+        server = _read_ews(table, server)
+    else:
+        for ews_key in _EWS_KEYS:
+            if ews_key in table.data:
+                raise table.error(ews_key, f"{ews_key} is a key of an Exchange server (ews_url), not of {key}")
     table.finish()
     return server
+
+
+def _read_ews(table: _Table, server: MailServer) -> MailServer:
+    """Read the keys of an Exchange (EWS) mail table: access, auth, version, max_backoff."""
+    if server.login != "user":
+        raise table.error("login", f"login = \"{server.login}\" is for IMAP servers; an Exchange server opens "
+                                   "mailboxes with admin_user and access = \"impersonation\" or \"delegate\"")
+    if server.admin_user is None and server.credentials_file is None:
+        raise table.error(None, "an Exchange server (ews_url) needs admin_user with password_env or password_file "
+                                "(a service account), or credentials_file with each mailbox's own password")
+    if server.admin_user is not None and server.credentials_file is not None:
+        raise table.error("credentials_file", "give admin_user (a service account opens every mailbox) or "
+                                              "credentials_file (each mailbox logs in itself), not both")
+    access = table.text("access", default="impersonation")
+    if access not in EWS_ACCESS:
+        raise table.error("access", f"unknown access '{access}'; choose one of {', '.join(EWS_ACCESS)}")
+    if "access" in table.data and server.credentials_file is not None:
+        raise table.error("access", "with credentials_file each mailbox logs in itself: access is for admin_user")
+    auth = table.text("auth", default="ntlm")
+    if auth not in EWS_AUTH:
+        raise table.error("auth", f"unknown auth '{auth}'; choose one of {', '.join(EWS_AUTH)}")
+    version = table.text("version", default="Exchange2016")
+    if version not in EWS_VERSIONS:
+        raise table.error("version", f"unknown version '{version}'; choose one of {', '.join(EWS_VERSIONS)}")
+    max_backoff = _positive(table, "max_backoff", 600.0)
+    return dataclasses.replace(server, access=access, auth=auth, version=version, max_backoff=max_backoff)
 
 
 def _read_addressing(table: _Table, sources: tuple[Source, ...]) -> Addressing:
@@ -766,9 +819,46 @@ def _read_relay(table: _Table) -> Relay:
         next_hop_ca_file=table.path_value("next_hop_ca_file"),
         max_hops=int(_positive(table, "max_hops", 50, integer=True)),
         shutdown_timeout=_positive(table, "shutdown_timeout", 30.0),
+        **_read_relay_hardening(table),
     )
     table.finish()
     return relay
+
+
+def _read_relay_hardening(table: _Table) -> dict[str, Any]:
+    """Read the [relay] keys of inbound TLS, connection limits, metrics and the ARC seal (Relay keywords)."""
+    cert = table.path_value("tls_cert_file")
+    key = table.path_value("tls_key_file")
+    if cert is not None and key is None:
+        raise table.error("tls_cert_file", "tls_cert_file needs tls_key_file (the certificate's private key)")
+    if key is not None and cert is None:
+        raise table.error("tls_key_file", "tls_key_file needs tls_cert_file (the certificate it belongs to)")
+    require_tls = table.get("require_tls", bool, False)
+    if require_tls and cert is None:
+        raise table.error("require_tls", "require_tls needs tls_cert_file and tls_key_file (STARTTLS is offered "
+                                         "only with a certificate)")
+    max_connections = int(_positive(table, "max_connections", 200, integer=True))
+    per_ip = int(_positive(table, "max_connections_per_ip", 20, integer=True))
+    if per_ip > max_connections:
+        raise table.error("max_connections_per_ip",
+                          f"must be at most max_connections ({max_connections}), got {per_ip}")
+    metrics = table.text("metrics_listen")
+    arc = {key: table.text(key) for key in ("arc_selector", "arc_domain", "arc_key_file")}
+    given = [key for key, value in arc.items() if value is not None]
+    if given and len(given) < 3:
+        missing = [key for key in arc if key not in given]
+        raise table.error(given[0], f"ARC sealing needs arc_selector, arc_domain and arc_key_file; "
+                                    f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing")
+    selector = arc["arc_selector"]
+    if selector is not None and not re.match(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                                             r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$", selector):
+        raise table.error("arc_selector", f"'{selector}' is not a DKIM selector (DNS labels: letters, digits, '-')")
+    return {"arc_selector": selector,
+            "arc_domain": _domain(table, "arc_domain", arc["arc_domain"]) if arc["arc_domain"] else None,
+            "arc_key_file": table.path_value("arc_key_file"),
+            "tls_cert_file": cert, "tls_key_file": key, "require_tls": require_tls,
+            "max_connections": max_connections, "max_connections_per_ip": per_ip,
+            "metrics_listen": _host_port(table, "metrics_listen", metrics) if metrics is not None else None}
 
 
 def _host_port(table: _Table, key: str, value: str) -> tuple[str, int]:

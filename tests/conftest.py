@@ -125,3 +125,109 @@ def ldap_target(config_path: Path, server: SlapdServer, env_var: str) -> None:
     config_path.write_text(text.replace(old, (
         f'[target.directory]\nldap_url = "{server.url}"\nbind_dn = "{server.admin_dn(NEW_SUFFIX)}"\n'
         f'password_env = "{env_var}"\n')), encoding="utf-8")
+
+
+@pytest.fixture(scope="session")
+def tls_certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A self-signed certificate for relay.test and 127.0.0.1 made by the openssl command: (cert file, key file)."""
+    import subprocess
+
+    from servers import require_program
+
+    try:
+        openssl = require_program("openssl", "openssl")
+    except ServerNotInstalled as exc:
+        pytest.fail(str(exc), pytrace=False)
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    # An EC key: made in milliseconds, where RSA would take a noticeable part of a second.
+    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+                    "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=relay.test",
+                    "-addext", "subjectAltName=DNS:relay.test,IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
+@pytest.fixture
+def ews_old(tmp_path: Path) -> Iterator["EwsServer"]:
+    """The old units' Exchange: a test EWS server (tests/ews_server.py) with a service account that impersonates."""
+    from ews_server import EwsServer
+
+    server = EwsServer(tmp_path / "ews-old").start()
+    server.add_user("svc-migrate@binhduong.gov.vn", "mật-khẩu-cũ", impersonation=True)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def ews_new(tmp_path: Path) -> Iterator["EwsServer"]:
+    """The new unit's Exchange: a second, independent test EWS server with its own service account."""
+    from ews_server import EwsServer
+
+    server = EwsServer(tmp_path / "ews-new").start()
+    server.add_user("svc-migrate@hcm.gov.vn", "mật-khẩu-mới", impersonation=True)
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# --- the staff directory web application (tests/test_web*.py) ---
+
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.fixture(scope="session")
+def web_index(tmp_path_factory: pytest.TempPathFactory, example_dir: Path) -> Path:
+    """The example planned, applied to its LDIF target and indexed; returns the search index's path."""
+    from click.testing import CliRunner
+
+    from mailmerge_gov.cli import cli
+    from mailmerge_gov.config import load_config
+    from mailmerge_gov.directory.search import index_path
+
+    copy = tmp_path_factory.mktemp("web") / "hcm-merger"
+    shutil.copytree(example_dir, copy, ignore=shutil.ignore_patterns("state", "out"))
+    config = str(copy / "consolidation.toml")
+    for command in (["directory", "plan"], ["directory", "apply", "--force"], ["directory", "index"]):
+        result = CliRunner().invoke(cli, [*command, "-c", config], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    return index_path(load_config(copy / "consolidation.toml").state_file)
+
+
+@pytest.fixture(scope="session")
+def web_server(web_index: Path) -> Iterator[str]:
+    """The web application served by a real uvicorn on a free loopback port; yields its base URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from mailmerge_gov.web import create_app
+
+    port = pick_free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(web_index), host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, name="uvicorn-web", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail(f"uvicorn did not start on 127.0.0.1:{port}", pytrace=False)
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> Path:
+    """Debian's chromium, which Playwright drives (never a downloaded browser); missing, the test fails."""
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium as root "
+                    "(DEBIAN_FRONTEND=noninteractive apt-get install -y chromium), or run scripts/test", pytrace=False)
+    return CHROMIUM

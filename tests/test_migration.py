@@ -287,7 +287,7 @@ def test_the_source_restarting_mid_folder_loses_and_doubles_nothing(mailboxes, d
 
 def test_an_unknown_mailbox_fails_at_once_with_a_clear_reason(dovecot_old, dovecot_new, tmp_path) -> None:
     old, new = imap_server(dovecot_old, tmp_path), imap_server(dovecot_new, tmp_path)
-    job = MailboxJob("binhduong", "nobody@binhduong.gov.vn", "nobody@hcm.gov.vn")
+    job = MailboxJob("binhduong", "nobody@binhduong.gov.vn", "unknown.source@hcm.gov.vn")
     dovecot_new.add_user(job.target_mailbox, "pw")
     with open_store(tmp_path / "state.sqlite") as store:
         began = time.monotonic()

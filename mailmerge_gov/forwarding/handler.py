@@ -3,23 +3,27 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import functools
 import json
 import logging
+import re
 import secrets
+import ssl
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, TypeVar
+from typing import Any, AnyStr, TypeVar
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, syntax
 
 from mailmerge_gov.config import Config
 from mailmerge_gov.forwarding import replies
 from mailmerge_gov.forwarding.address import NULL_PATH, AddressError, parse_mailbox, split_path
 from mailmerge_gov.forwarding.addressmap import AddressMap, Outcome, Verdict
+from mailmerge_gov.forwarding.metrics import RelayMetrics
 from mailmerge_gov.forwarding.message import (count_received, delivered_to, delivered_to_header, header_fields,
                                               normalise_line_endings, protocol_name, received_header)
 from mailmerge_gov.forwarding.nexthop import HopReply, NextHop, NextHopSettings, next_hop_settings
@@ -28,6 +32,12 @@ from mailmerge_gov.forwarding.srs import Srs, SrsError
 
 log = logging.getLogger("mailmerge_gov.forwarding")
 HEADER_ALLOWANCE = 2048  # bytes the relay may add to a message (Received, Delivered-To): SIZE to the next hop
+COMMAND_LINE_LIMIT = 512  # octets with CRLF, RFC 5321 4.5.3.1.4 (aiosmtpd's command_size_limit)
+TEXT_LINE_LIMIT = 1000  # octets with CRLF, RFC 5321 4.5.3.1.6 (aiosmtpd allows one more: the transparency dot)
+ARC_ALLOWANCE = 4096  # bytes an ARC set adds (two RSA signatures, the authentication results)
+# Why a reply that is not 2xx was given, for the metrics, when the reply itself says it.
+_REASONS_BY_STATUS = {"4.4.1": "next-hop-unavailable", "4.4.2": "next-hop-unavailable", "4.4.0": "next-hop-deferred",
+                      "4.3.0": "internal-error", "5.4.6": "loop"}
 
 
 @dataclass(frozen=True)
@@ -40,6 +50,68 @@ class RelaySettings:
     max_recipients: int = 100
     max_hops: int = 50
     timeout: float = 300.0
+    require_tls: bool = False  # MAIL only after STARTTLS (when the relay has a certificate)
+    max_connections: int = 200
+    max_connections_per_ip: int = 20
+
+
+@dataclass(frozen=True)
+class ArcSealer:
+    """Seals each relayed message with an ARC set (RFC 8617) of the relay's domain, with dkimpy."""
+
+    selector: str
+    domain: str
+    key: bytes  # RSA private key, PEM
+    authserv_id: str  # the relay's hostname, naming who checked in ARC-Authentication-Results
+    dnsfunc: Callable[..., bytes | None] | None = None  # TXT lookups (name, timeout=); dkimpy's resolver when None
+    dns_timeout: float = 5.0
+
+    def seal(self, message: bytes) -> tuple[bytes, str]:
+        """The ARC set to prepend to a CRLF message (empty if dkimpy made none) and the results it records."""
+        import dkim  # dkimpy and authres are needed only when [relay] arc_* is set
+
+        lookup = {"dnsfunc": self.dnsfunc} if self.dnsfunc is not None else {}
+        results = [self._dkim_result(message, lookup), f"arc={self._arc_result(message, lookup)}"]
+        # dkimpy takes what the relay checked from an Authentication-Results field of our authserv-id; that field
+        # is input only: the ARC-Authentication-Results it writes carries the same, and the message stays as sent.
+        checked = f"Authentication-Results: {self.authserv_id}; {'; '.join(results)}\r\n".encode("ascii")
+        fields = dkim.arc_sign(checked + message, self.selector.encode("ascii"), self.domain.encode("ascii"),
+                               self.key, self.authserv_id.encode("ascii"))
+        return b"".join(fields), "; ".join(results)
+
+    def _dkim_result(self, message: bytes, lookup: dict[str, Any]) -> str:
+        """dkim=pass/fail/... of the first DKIM signature, as in an Authentication-Results field (RFC 8601)."""
+        import dkim
+
+        checker = dkim.DKIM(message, timeout=self.dns_timeout)
+        if not any(name.lower() == b"dkim-signature" for name, _ in checker.headers):
+            return "dkim=none"
+        try:
+            result = "pass" if checker.verify(**lookup) else "fail"
+        except dkim.DnsTimeoutError:
+            result = "temperror"
+        except dkim.KeyFormatError:
+            result = "permerror"  # no usable key published for the signature
+        except dkim.DKIMException:
+            result = "fail"  # dkimpy raises for a body hash mismatch too, not only returns False
+        # Values from the message go into a header field: only characters a domain or selector may have.
+        domain = _HEADER_SAFE.sub("", (checker.domain or b"").decode("ascii", "replace"))
+        selector = _HEADER_SAFE.sub("", (checker.selector or b"").decode("ascii", "replace"))
+        return f"dkim={result}" + (f" header.d={domain}" if domain else "") + (f" header.s={selector}" if selector
+                                                                               else "")
+
+    def _arc_result(self, message: bytes, lookup: dict[str, Any]) -> str:
+        """none, pass or fail: the ARC chain the message arrived with."""
+        import dkim
+
+        try:
+            chain, _, _ = dkim.arc_verify(message, timeout=self.dns_timeout, **lookup)
+        except dkim.DKIMException:
+            return "fail"
+        return chain.decode("ascii") if isinstance(chain, bytes) else str(chain)
+
+
+_HEADER_SAFE = re.compile(r"[^A-Za-z0-9._-]")
 
 
 def event(name: str, **fields: object) -> str:
@@ -60,12 +132,15 @@ def relay_settings(config: Config) -> RelaySettings:
     relay = config.relay
     return RelaySettings(next_hop=next_hop_settings(config), hostname=relay.hostname,
                          max_message_size=relay.max_message_size, max_recipients=relay.max_recipients,
-                         max_hops=relay.max_hops, timeout=relay.timeout)
+                         max_hops=relay.max_hops, timeout=relay.timeout, require_tls=relay.require_tls,
+                         max_connections=relay.max_connections, max_connections_per_ip=relay.max_connections_per_ip)
 
 
-def smtp_options(settings: RelaySettings) -> dict[str, Any]:
-    """Keyword arguments for aiosmtpd's SMTP class that enforce the relay's limits."""
+def smtp_options(settings: RelaySettings, tls_context: ssl.SSLContext | None = None) -> dict[str, Any]:
+    """Keyword arguments for aiosmtpd's SMTP class that enforce the relay's limits (STARTTLS with a context)."""
     return {
+        "tls_context": tls_context,
+        "require_starttls": settings.require_tls and tls_context is not None,
         "hostname": settings.hostname,
         "ident": "ESMTP",  # no software name and version in the greeting
         "data_size_limit": settings.max_message_size,  # advertised as SIZE, enforced while reading DATA
@@ -151,6 +226,7 @@ class _Session:
     hop: NextHop | None = None
     transaction: _Transaction | None = None
     busy: asyncio.Future[HopReply] | None = None  # the next-hop call in progress
+    closed_with: str = ""  # why the relay closed the connection, when it did (the log's result)
 
 
 H = TypeVar("H", bound=Callable[..., Awaitable[str]])
@@ -169,6 +245,9 @@ def _guarded(hook: H) -> H:
             state = self.sessions.get(session)
             if state is not None and state.transaction is not None:
                 state.transaction.failure = replies.internal_error()
+            if hook.__name__ in ("handle_RCPT", "handle_DATA"):
+                self.metrics.add("recipients_deferred_total" if hook.__name__ == "handle_RCPT"
+                                 else "messages_deferred_total", "internal-error")
             return str(replies.internal_error())
 
     return wrapper  # type: ignore[return-value]
@@ -179,11 +258,17 @@ class RelayHandler:
 
     def __init__(self, address_map: AddressMap, settings: RelaySettings, srs: Srs | None = None,
                  clock: Callable[[], dt.datetime] | None = None,
-                 on_transaction: Callable[[TransactionRecord], None] | None = None) -> None:
+                 on_transaction: Callable[[TransactionRecord], None] | None = None,
+                 tls_context: ssl.SSLContext | None = None, metrics: RelayMetrics | None = None,
+                 arc: ArcSealer | None = None) -> None:
         """Serve `address_map` (replace the attribute to reload); `clock` gives the local date of lookups."""
         self.address_map = address_map
         self.settings = settings
         self.srs = srs
+        self.tls_context = tls_context  # inbound STARTTLS; replaced on reload (a renewed certificate)
+        self.metrics = metrics or RelayMetrics()
+        self.arc = arc  # replaced on reload (a rotated key)
+        self.per_ip: collections.Counter[str] = collections.Counter()
         self.clock = clock or (lambda: dt.datetime.now().astimezone())
         self.on_transaction = on_transaction or (lambda record: log.info("%s", record.as_json()))
         self.sessions: dict[Session, _Session] = {}
@@ -229,6 +314,7 @@ class RelayHandler:
         if tx is None or tx.envelope is not envelope:
             return "503 5.5.1 Error: need MAIL command"
         verdict, target, reply = self._route(tx, envelope, address)
+        refused_here = reply is not None
         if reply is None and tx.failure is not None:
             reply = tx.failure
         if reply is None and target in tx.accepted:
@@ -242,6 +328,7 @@ class RelayHandler:
             envelope.rcpt_options.extend(rcpt_options)
             tx.accepted.setdefault(target, []).append(address)
         tx.recipients.append(RecipientRecord(address, verdict, target, reply.one_line()))
+        self._count("recipients", reply, verdict if refused_here else None)
         return str(reply)
 
     @_guarded
@@ -254,7 +341,14 @@ class RelayHandler:
         content = envelope.original_content or b""
         reply = tx.failure or await self._relay_message(session, state, tx, content)
         self._finish(session, state, reply.one_line())
+        self._count("messages", reply)
         return str(reply)
+
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+                          responses: list[str]) -> list[str]:
+        """EHLO as aiosmtpd answers it, less AUTH: the relay logs nobody in (aiosmtpd offers AUTH after STARTTLS)."""
+        session.host_name = hostname  # aiosmtpd leaves this to a handler that has an EHLO hook
+        return [line for line in responses if not line.startswith("250-AUTH")]
 
     async def handle_RSET(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         """End the open transaction (the next hop's is ended at the next RCPT)."""
@@ -268,18 +362,43 @@ class RelayHandler:
 
     async def handle_exception(self, error: Exception) -> str:
         """Anything aiosmtpd itself could not handle: 451 4.3.0, the details only in the log."""
+        if isinstance(error, TLSSetupException):
+            # A client that cannot do TLS with us (old ciphers, a scanner): aiosmtpd closes it, nothing is lost.
+            cause = error.__cause__
+            log.warning("%s", event("tls-failed", reason=str(cause or error) or type(cause or error).__name__))
+            self.metrics.add("tls_failures_total")
+            return str(replies.internal_error())
         log.error("%s", event("error", error="".join(traceback.format_exception(error))))
         return str(replies.internal_error())
 
     # --- connection life cycle (called by RelaySMTP) ----------------------------------------------------
 
-    def connection_opened(self, server: SMTP) -> None:
-        """Count a client connection (for the shutdown drain)."""
+    def connection_opened(self, server: SMTP, client_ip: str) -> Reply | None:
+        """Admit a client connection and count it (for the limits and the shutdown drain); the 421 when over a limit."""
+        limit = None
+        if len(self.connections) >= self.settings.max_connections:
+            limit = "max_connections"
+        elif self.per_ip[client_ip] >= self.settings.max_connections_per_ip:
+            limit = "max_connections_per_ip"
+        if limit is not None:
+            self.metrics.add("connections_refused_total", limit)
+            log.warning("%s", event("connection-refused", client=client_ip, limit=limit,
+                                    connections=len(self.connections), from_client=self.per_ip[client_ip]))
+            return replies.render(421, "4.7.0", "too_many_connections")
         self.connections.add(server)
+        self.per_ip[client_ip] += 1
+        self.metrics.add("connections_total")
+        self.metrics.add("connections_open")
+        return None
 
-    def connection_closed(self, server: SMTP, session: Session | None) -> None:
+    def connection_closed(self, server: SMTP, session: Session | None, client_ip: str = "") -> None:
         """The client is gone: log what was open, then close the next-hop connection in the background."""
-        self.connections.discard(server)
+        if server in self.connections:
+            self.connections.discard(server)
+            self.metrics.add("connections_open", amount=-1)
+            self.per_ip[client_ip] -= 1
+            if self.per_ip[client_ip] <= 0:
+                del self.per_ip[client_ip]  # the counter would otherwise keep every address ever seen
         state = self.sessions.pop(session, None) if session is not None else None
         if state is None:
             return
@@ -296,7 +415,7 @@ class RelayHandler:
             hop_reply = await state.busy  # bounded by next_hop_timeout inside NextHop
             if tx is not None and tx.size is not None and not tx.next_hop:
                 tx.next_hop = hop_reply.one_line()
-        self._finish(session, state, "client disconnected")
+        self._finish(session, state, state.closed_with or "client disconnected")
         if state.hop is not None:
             await state.hop.close()
 
@@ -345,7 +464,7 @@ class RelayHandler:
                 tx.failure = replies.next_hop_unavailable("connection lost", "4.4.2")
                 return tx.failure
             state.hop = NextHop(self.settings.next_hop)
-            greeting = await self._call(state, state.hop.connect())
+            greeting = await self._call(state, state.hop.connect(), "connect")
             if not greeting.positive:
                 state.hop = None
                 tx.failure = _unavailable(greeting)
@@ -353,16 +472,16 @@ class RelayHandler:
         hop = state.hop
         if not tx.hop_open:
             if hop.in_transaction:
-                await self._call(state, hop.rset())  # the previous client transaction ended without DATA
+                await self._call(state, hop.rset(), "rset")  # the previous client transaction ended without DATA
             if utf8 and not hop.supports("smtputf8"):
                 tx.failure = Reply(550, "5.6.7", ("Next hop does not support SMTPUTF8",))
                 return tx.failure
-            answer = await self._call(state, hop.mail(tx.relayed_from, self._mail_options(envelope, hop), utf8))
+            answer = await self._call(state, hop.mail(tx.relayed_from, self._mail_options(envelope, hop), utf8), "mail")
             if not answer.positive:
                 tx.failure = _client_reply(answer)
                 return tx.failure
             tx.hop_open = True
-        answer = await self._call(state, hop.rcpt(target, utf8))
+        answer = await self._call(state, hop.rcpt(target, utf8), "rcpt")
         if answer.failure:
             tx.failure = _client_reply(answer)
         return _client_reply(answer)
@@ -373,7 +492,8 @@ class RelayHandler:
         for option in envelope.mail_options:
             name, _, value = option.partition("=")
             if name == "SIZE" and value.isdigit() and hop.supports("size"):
-                options.append(f"SIZE={int(value) + HEADER_ALLOWANCE}")
+                allowance = HEADER_ALLOWANCE + (ARC_ALLOWANCE if self.arc is not None else 0)
+                options.append(f"SIZE={int(value) + allowance}")
             elif name == "BODY" and value == "8BITMIME" and hop.supports("8bitmime"):
                 options.append(option)
             elif name == "SMTPUTF8" and hop.supports("smtputf8"):
@@ -392,7 +512,7 @@ class RelayHandler:
             reason = (f"{hops} Received header fields, more than {self.settings.max_hops}" if not looped
                       else f"already delivered to {sorted(looped)[0]}")
             if hop is not None:
-                await self._call(state, hop.rset())
+                await self._call(state, hop.rset(), "rset")
             return replies.loop(reason)
         if hop is None or not hop.connected:
             return replies.next_hop_unavailable("connection lost", "4.4.2")
@@ -407,14 +527,29 @@ class RelayHandler:
         if recipient is not None:
             headers += delivered_to_header(recipient)
         message = headers + content
+        if self.arc is not None:
+            message = await self._arc_seal(tx, message) + message
         tx.size = len(message)
-        answer = await self._call(state, hop.data(message))
+        answer = await self._call(state, hop.data(message), "data")
         tx.next_hop = answer.one_line()
         tx.hop_open = False
         return _client_reply(answer)
 
-    async def _call(self, state: _Session, call: Awaitable[HopReply]) -> HopReply:
-        """Run one next-hop call shielded from the client's disconnect."""
+    async def _arc_seal(self, tx: _Transaction, message: bytes) -> bytes:
+        """The ARC set for a message; empty (the message goes unsealed) when sealing fails."""
+        assert self.arc is not None
+        try:
+            # dkimpy is synchronous and asks DNS for the signers' keys: off the event loop.
+            seal, _ = await asyncio.to_thread(self.arc.seal, message)
+        except Exception as exc:  # a seal is a courtesy to the next hop, never a reason to refuse the mail
+            log.warning("%s", event("arc-not-sealed", transaction=tx.id, reason=f"{type(exc).__name__}: {exc}"))
+            return b""
+        if not seal:
+            log.warning("%s", event("arc-not-sealed", transaction=tx.id, reason="dkimpy made no ARC set"))
+        return seal
+
+    async def _call(self, state: _Session, call: Awaitable[HopReply], command: str) -> HopReply:
+        """Run one next-hop call shielded from the client's disconnect, and time it for the metrics."""
         # Cancelling an aiosmtplib command half-way leaves its reply unread and the connection out of step
         # (the next command would read the previous reply), and the log could not say what the next hop did.
         # aiosmtpd's idle timer runs from the client's last command (for DATA: from the DATA command, so the
@@ -424,6 +559,10 @@ class RelayHandler:
         if callable(reset):
             reset()
         task = asyncio.ensure_future(call)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        # Timed when it ends, not when this await returns: a call outlives a client that leaves.
+        task.add_done_callback(lambda _: self.metrics.observe(command, loop.time() - started))
         state.busy = task
         try:
             return await asyncio.shield(task)
@@ -437,6 +576,33 @@ class RelayHandler:
         if state is None:
             state = self.sessions[session] = _Session(_client(session), server)
         return state
+
+    def _count(self, what: str, reply: Reply, reason: str | None = None) -> None:
+        """Count the reply to a RCPT (`what` "recipients") or to a message ("messages") in the metrics."""
+        if reply.positive:
+            self.metrics.add("recipients_accepted_total" if what == "recipients" else "messages_relayed_total")
+            return
+        permanent = reply.code >= 500
+        if reason is None:
+            # Replies the relay did not decide itself: the next hop's verdict or its absence.
+            reason = _REASONS_BY_STATUS.get(reply.status, "next-hop" if permanent else "next-hop-deferred")
+        self.metrics.add(f"{what}_{'rejected' if permanent else 'deferred'}_total", reason)
+
+    def message_refused(self, server: SMTP, reply: Reply, reason: str, ends_transaction: bool) -> None:
+        """aiosmtpd refused a message itself (too large, a line too long): count it, and log the transaction."""
+        self.metrics.add("messages_rejected_total", reason)
+        session = server.session
+        state = self.sessions.get(session) if session is not None else None
+        if ends_transaction and session is not None and state is not None:
+            self._finish(session, state, reply.one_line())
+
+    def connection_timed_out(self, server: SMTP) -> None:
+        """Count a client closed for silence; its open transaction is logged with that result."""
+        self.metrics.add("timeouts_total")
+        session = server.session
+        state = self.sessions.get(session) if session is not None else None
+        if state is not None:
+            state.closed_with = "timeout"
 
     def _finish(self, session: Session, state: _Session, result: str) -> None:
         """Log the open transaction (if any) and close it."""
@@ -490,26 +656,117 @@ def _say_and_close(server: SMTP, line: str) -> None:
 
 
 class RelaySMTP(SMTP):
-    """aiosmtpd's SMTP server with strict SMTP paths, and the handler told when a connection ends."""
+    """aiosmtpd's SMTP server with strict SMTP paths, connection limits, 421 on timeout, and the handler told."""
+
+    def __init__(self, handler: Any, **options: Any) -> None:
+        """aiosmtpd's SMTP with per-connection command size limits."""
+        # aiosmtpd keeps command_size_limits on the class, shared by all connections and grown by every EHLO
+        # (for SIZE and SMTPUTF8): one dict per connection, emptied at each EHLO, keeps the RFC 5321 limits.
+        self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
+        super().__init__(handler, **options)
+        self._client_ip: str | None = None
+        self._refused = False  # over a connection limit: told so and closed before the greeting
+        self._lost = False
+        self._reading_message = False
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """The path exactly as sent (source route kept): the handler decides, not the lenient RFC 5322 parser."""
         return split_path(arg)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Register the connection with the handler."""
+        """Admit the connection within the limits (421 4.7.0 and closed otherwise) and register it."""
+        if self._client_ip is None:  # a second call comes after STARTTLS, on the same connection
+            self._client_ip = _peer_ip(transport.get_extra_info("peername"))
+            opened = getattr(self.event_handler, "connection_opened", None)
+            refusal = opened(self, self._client_ip) if opened is not None else None
+            if refusal is not None:
+                self._refused = True
+                transport.write(str(refusal).encode("ascii") + b"\r\n")  # type: ignore[attr-defined]
+                transport.close()
+                return
         super().connection_made(transport)
-        opened = getattr(self.event_handler, "connection_opened", None)
-        if opened is not None:
-            opened(self)
 
     def connection_lost(self, error: Exception | None) -> None:
         """Tell the handler, so it can log the transaction and close the next-hop connection."""
+        if self._refused or self._lost:
+            # aiosmtpd calls this itself after a failed TLS handshake, and the transport again later.
+            return
+        self._lost = True
         session = self.session
         super().connection_lost(error)
         closed = getattr(self.event_handler, "connection_closed", None)
         if closed is not None:
-            closed(self, session)
+            closed(self, session, self._client_ip or "")
+
+    def _timeout_cb(self) -> None:
+        """Say 421 to a client silent for `timeout` seconds, then close (aiosmtpd closes without a word)."""
+        if isinstance(self.event_handler, RelayHandler):
+            self.event_handler.connection_timed_out(self)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            reply = replies.render(421, "4.4.2", "timeout", seconds=f"{self._timeout_duration:g}")
+            transport.write(str(reply).encode("ascii") + b"\r\n")  # type: ignore[attr-defined]
+        super()._timeout_cb()
+
+    def data_received(self, data: bytes) -> None:
+        """Bytes from the client; while a message comes in, each chunk restarts the idle timer."""
+        # aiosmtpd times DATA from the command on: a large message on a slow link would be cut off however
+        # steadily it arrives, and the sender would retry it for days. Silence is what `timeout` is about.
+        if self._reading_message:
+            self._reset_timeout()
+        super().data_received(data)
+
+    @syntax("DATA")
+    async def smtp_DATA(self, arg: str) -> None:
+        """DATA, with the idle timer restarted by the message's bytes as they arrive."""
+        self._reading_message = True
+        try:
+            await super().smtp_DATA(arg)
+        finally:
+            self._reading_message = False
+
+    @syntax("EHLO hostname")
+    async def smtp_EHLO(self, hostname: str) -> None:
+        """EHLO, with the command size limits back at their start (aiosmtpd grows them at each EHLO)."""
+        self.command_size_limits.clear()
+        await super().smtp_EHLO(hostname)
+
+    async def push(self, status: AnyStr) -> None:
+        """Send a reply; aiosmtpd's own refusals get enhanced status codes and words from the templates."""
+        if isinstance(status, str):
+            status = self._reword(status)  # type: ignore[assignment]
+        await super().push(status)
+
+    def _reword(self, status: str) -> str:
+        """The relay's reply for one of aiosmtpd's fixed replies (counted in the metrics); others unchanged."""
+        handler = self.event_handler
+        if not isinstance(handler, RelayHandler):
+            return status
+        if status == "530 Must issue a STARTTLS command first":
+            handler.metrics.add("commands_refused_total", "tls-required")
+            return str(replies.render(530, "5.7.0", "starttls_required"))
+        if status == "500 Command line too long":
+            handler.metrics.add("commands_refused_total", "command-too-long")
+            return str(replies.render(500, "5.5.2", "command_too_long", limit=COMMAND_LINE_LIMIT))
+        if status == "500 Line too long (see RFC5321 4.5.3.1.6)":
+            # aiosmtpd's code, but no enhanced status: RFC 5321 4.5.3.1.10 names 500 for a line too long.
+            reply = replies.render(500, "5.6.0", "line_too_long", limit=TEXT_LINE_LIMIT)
+            handler.message_refused(self, reply, "line-too-long", ends_transaction=True)
+            return str(reply)
+        if status == "552 Error: Too much mail data":
+            handler.message_refused(self, Reply(552, "", ("Error: Too much mail data",)), "too-large",
+                                    ends_transaction=True)
+        elif status == "552 Error: message size exceeds fixed maximum message size":
+            # Refused at MAIL (SIZE=): no transaction of this message was opened, an earlier one stays open.
+            handler.message_refused(self, Reply(552), "too-large", ends_transaction=False)
+        return status
+
+
+def _peer_ip(peer: object) -> str:
+    """The IP address of a socket peer name."""
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer or "")
 
 
 class RelayController(Controller):
@@ -530,6 +787,6 @@ class RelayController(Controller):
 
 def relay_controller(handler: RelayHandler, host: str, port: int) -> RelayController:
     """A threaded relay on host:port with the handler's limits (call .start() and .stop())."""
-    options = smtp_options(handler.settings)
+    options = smtp_options(handler.settings, handler.tls_context)
     # Controller's `hostname` is the address to bind; the name in the greeting is `server_hostname`.
     return RelayController(handler, hostname=host, port=port, server_hostname=options.pop("hostname"), **options)

@@ -122,12 +122,16 @@ class NextHop:
         return reply
 
     async def data(self, message: bytes) -> HopReply:
-        """DATA and the message (aiosmtplib dot-stuffs it); the transaction ends whatever the answer."""
+        """DATA and the message (aiosmtplib dot-stuffs it); after a refusal the transaction counts as still open."""
         assert self.client is not None
-        try:
-            return await self._run(self.client.data(message))
-        finally:
-            self.in_transaction = False
+        reply = await self._run(self.client.data(message))
+        # A 2xx ends the transaction. A refusal may not: a next hop that refuses the DATA command itself keeps
+        # MAIL and RCPT (Postfix and smtp-sink then answer the next MAIL "503 5.5.1 Error: nested MAIL
+        # command", which the client would take as permanent), and aiosmtplib raises the same SMTPDataError
+        # for that as for a refusal after the final dot. So the next transaction starts with RSET, which is
+        # harmless when this one had ended. Without an answer _run has dropped the connection already.
+        self.in_transaction = not reply.positive and self.connected
+        return reply
 
     async def close(self) -> None:
         """QUIT politely (briefly), then close."""

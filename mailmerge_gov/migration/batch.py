@@ -49,6 +49,9 @@ def store_opener(server: MailServer, mailbox: str, create: bool = False) -> Call
     if server.kind == "imap":
         from mailmerge_gov.migration.imap import open_imap  # imports imapclient only when a job needs it
         return lambda: open_imap(server, mailbox)
+    if server.kind == "ews":
+        from mailmerge_gov.migration.ews import open_ews  # imports exchangelib only when a job needs it
+        return lambda: open_ews(server, mailbox)  # an Exchange mailbox must exist: it is never created here
     if server.kind == "maildir" and server.path is not None:
         from mailmerge_gov.migration.maildir import open_maildir
         path = server.path
