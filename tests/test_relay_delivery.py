@@ -698,11 +698,6 @@ def test_sigterm_with_sessions_in_data_loses_none(tmp_path: Path) -> None:
     assert SHUTDOWN_TIMEOUT - 0.1 <= took <= SHUTDOWN_TIMEOUT + 1.5, took
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "forwarding/handler.py RelayHandler.drain: at the deadline it says 421 and closes a client whose message is "
-    "complete and whose next-hop DATA call is still running; _close_session then waits for that call anyway "
-    "(the process exits only after it), and the next hop accepts the message: the client resends what was "
-    "delivered, a duplicate. Wait for state.busy (bounded by next_hop_timeout) and pass its answer on instead."))
 def test_sigterm_while_the_next_hop_is_slower_than_the_deadline(tmp_path: Path) -> None:
     # The message is complete and the relay waits for the next hop's answer when the drain deadline passes.
     handler = SinkHandler(data_delay=SHUTDOWN_TIMEOUT + 1.0)

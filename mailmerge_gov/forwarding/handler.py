@@ -431,7 +431,19 @@ class RelayHandler:
         deadline = loop.time() + timeout
         while self.connections and loop.time() < deadline:
             await asyncio.sleep(0.02)
+        # A session whose next-hop call is still running may already have its message accepted there:
+        # saying 421 now would make the client send it again (a duplicate). Its call is bounded by the
+        # next hop's timeout; wait for it, so that the client hears the next hop's verdict first.
+        running = [state.busy for server in list(self.connections)
+                   if server.session is not None and (state := self.sessions.get(server.session)) is not None
+                   and state.busy is not None]
+        if running:
+            await asyncio.wait(running, timeout=self.settings.next_hop.timeout + 5)
+            await asyncio.sleep(0.05)  # let the hooks send the replies the calls ended with
         for server in list(self.connections):
+            state = self.sessions.get(server.session) if server.session is not None else None
+            if state is not None and state.busy is not None:
+                continue  # still waiting for its next-hop verdict: closing now could lose or double it
             _say_and_close(server, "421 4.3.2 Service shutting down, try again later")
         await asyncio.sleep(0)
         if self.closing:
