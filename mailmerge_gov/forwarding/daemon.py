@@ -99,7 +99,7 @@ def load_arc(config: Config) -> ArcSealer | None:
         from dkim.crypto import UnparsableKeyError, parse_pem_private_key
     except ImportError:
         raise RelayError("[relay] arc_selector: ARC sealing needs the Python packages dkimpy and authres: "
-                         "pip install 'dkimpy[ARC]' into the relay's environment") from None
+                         "pip install 'mailmerge-gov[arc]' (or 'dkimpy[ARC]') into the relay's environment") from None
     try:
         key = relay.arc_key_file.read_bytes()
     except OSError as exc:
