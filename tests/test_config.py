@@ -164,3 +164,9 @@ def test_secret_from_file(tmp_path: Path) -> None:
         Secret(file=tmp_path / "empty").reveal()
     with pytest.raises(SecretError, match="No such file or directory$"):
         Secret(file=tmp_path / "missing").reveal()
+
+
+def test_the_relay_example_config_loads(example_dir: Path) -> None:
+    config = load_config(example_dir.parent.parent / "forwarding" / "relay.example.toml")
+    assert (config.relay.listen_host, config.relay.listen_port, config.relay.next_hop) == (
+        "0.0.0.0", 25, "smtp://mx.hcm.gov.vn:25")
