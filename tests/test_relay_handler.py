@@ -590,3 +590,33 @@ def test_postfix_smtp_sink_refusals(start_relay: Callable[..., Relay], options: 
             assert client.rcpt("nguyenvana@binhduong.gov.vn") == expected
     finally:
         sink.stop()
+
+
+def test_a_client_gone_mid_data_delivers_nothing(sink: SinkHandler, start_relay: Callable[..., Relay]) -> None:
+    relay = start_relay(sink.port)
+    client = relay.client()
+    client.mail("alice@example.org")
+    client.rcpt("nguyenvana@binhduong.gov.vn")
+    client.docmd("DATA")
+    client.send(MESSAGE[: len(MESSAGE) // 2])  # half a message, no final dot
+    client.close()
+    [record] = relay.wait_records(1)
+    assert record.result == "client disconnected"
+    assert sink.messages == [] and "DATA" not in sink.commands
+
+
+@pytest.mark.parametrize("address", [
+    '"a\\r\\nBcc: victim@example.org"@binhduong.gov.vn',  # a quoted local part carrying a header
+    "nguyenvana@binhduong.gov.vn\u2028Bcc: victim@example.org",  # a Unicode line separator
+    "nguyenvana@binhduong.gov.vn\rBcc: victim@example.org",  # a bare CR inside the command
+])
+def test_header_injection_through_an_address_goes_nowhere(sink: SinkHandler, start_relay: Callable[..., Relay],
+                                                          address: str) -> None:
+    relay = start_relay(sink.port)
+    with relay.client() as client:
+        client.mail("alice@example.org")
+        client.send(f"RCPT TO:<{address}>\r\n".encode("utf-8"))  # raw: smtplib refuses to send such lines
+        code, _ = client.getreply()
+        assert 500 <= code < 600
+        client.rset()
+    assert sink.messages == [] and not any(c.startswith("RCPT") for c in sink.commands)
