@@ -532,7 +532,7 @@ def profile(folder: Path, args: argparse.Namespace, load: Load) -> str:
     _, pairs = write_map(folder, args.addresses)
     out = folder / f"relay-{load.name}.prof"
     result = run_relay(folder, load, pairs[len(pairs) // 2][0], profile_to=out)
-    text = [f"\nprofile of the relay child (cProfile), run {load.name} ({load.messages:,} x {load.size:,} B, "
+    text = [f"\n\nprofile of the relay child (cProfile), run {load.name} ({load.messages:,} x {load.size:,} B, "
             f"{load.sessions} sessions): {load.messages / result.seconds:,.0f} msg/s under the profiler, "
             f"{result.seconds:.1f} s, peak RSS {mb(result.peak_rss)}"]
     stats = pstats.Stats(str(out))

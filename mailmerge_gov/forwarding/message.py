@@ -8,6 +8,8 @@ import re
 from collections.abc import Iterable
 
 _LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
+# a CR not followed by LF, or an LF not preceded by CR: what needs rewriting
+_BARE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _HELO_SAFE = re.compile(r"[^A-Za-z0-9.\-_:\[\]]")
 
 
@@ -15,6 +17,8 @@ def normalise_line_endings(data: bytes) -> bytes:
     """Turn bare LF and bare CR into CRLF, the only line ending SMTP and DKIM know."""
     # A bare LF or CR that one server treats as a line end and another does not is how SMTP smuggling
     # hides a second message (\n.\n); after this the next hop sees exactly the lines we saw.
+    if _BARE.search(data) is None:
+        return data  # already clean (nearly every message): no copy of a message of megabytes
     return _LINE_ENDINGS.sub(b"\r\n", data)
 
 
