@@ -620,3 +620,15 @@ def test_header_injection_through_an_address_goes_nowhere(sink: SinkHandler, sta
         assert 500 <= code < 600
         client.rset()
     assert sink.messages == [] and not any(c.startswith("RCPT") for c in sink.commands)
+
+
+@pytest.mark.parametrize(("raw", "clean"), [
+    (b"a\r\nb\r\n", b"a\r\nb\r\n"), (b"a\nb", b"a\r\nb"), (b"a\rb", b"a\r\nb"), (b"a\r\r\nb", b"a\r\n\r\nb"),
+    (b"a\r\n\n.\nb", b"a\r\n\r\n.\r\nb"), (b"\r", b"\r\n"), (b"", b""),
+])
+def test_line_endings_become_crlf(raw: bytes, clean: bytes) -> None:
+    from mailmerge_gov.forwarding.message import normalise_line_endings
+
+    assert normalise_line_endings(raw) == clean
+    if raw == clean:
+        assert normalise_line_endings(raw) is raw  # a clean message is not copied
