@@ -44,6 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' private slapd (tests/ is not a package)
 
 import generate_example as generator  # noqa: E402  (this folder: the example's generator)
+from benchtable import Row, megabytes, print_rows, verdict  # noqa: E402  (this folder)
 from servers import SlapdServer, ldif_dn, ldif_entries, require_program  # noqa: E402
 
 from mailmerge_gov.config import load_config  # noqa: E402
@@ -90,17 +91,6 @@ class Run:
     seconds: float
     max_rss: int  # bytes
     output: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-    """One line of the table."""
-
-    step: str
-    figure: str
-    rate: str = ""
-    target: str = ""
-    verdict: str = ""
 
 
 def scaled_sources(total: int) -> list[generator.Source]:
@@ -240,16 +230,6 @@ def last_apply(config_path: Path) -> tuple[int, int, float]:
     return run.id, changes, (finished - started).total_seconds()
 
 
-def verdict(ok: bool) -> str:
-    """The verdict of one target."""
-    return "OK" if ok else "MISSED"
-
-
-def megabytes(count: int) -> str:
-    """Bytes as MB."""
-    return f"{count / 1e6:,.0f} MB"
-
-
 def benchmark(folder: Path, scale: int, seed: int) -> list[Row]:
     """Run every step in `folder`; return the table's rows."""
     began = time.perf_counter()
@@ -330,12 +310,7 @@ def print_table(rows: list[Row], scale: int) -> None:
     version = (slapd.stderr or slapd.stdout).splitlines()[0].split("$OpenLDAP:")[-1].strip(" $")
     print(f"\nmailmerge-gov directory benchmark: {scale:,} officials, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}, {version}, slapd.conf tuning: {', '.join(SLAPD_TUNING)}")
-    widths = [max(len(getattr(row, name)) for row in rows + [Row("step", "figure", "rate", "target", "verdict")])
-              for name in ("step", "figure", "rate", "target", "verdict")]
-    for row in [Row("step", "figure", "rate", "target", "verdict")] + rows:
-        cells = (row.step, row.figure, row.rate, row.target, row.verdict)
-        print("  ".join(cell.ljust(width) if index == 0 else cell.rjust(width) if index < 3 else cell.ljust(width)
-                        for index, (cell, width) in enumerate(zip(cells, widths))).rstrip())
+    print_rows(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,6 +62,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' private Dovecot (tests/ is not a package)
 
 import imapclient  # noqa: E402
+from benchtable import Row, print_rows, verdict  # noqa: E402  (this folder)
 from servers import DovecotServer, group_members, require_program  # noqa: E402
 
 from mailmerge_gov.config import ConfigError, load_config  # noqa: E402
@@ -128,17 +129,6 @@ class Run:
     max_rss: int  # bytes
     output: str
     code: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-    """One line of the table."""
-
-    step: str
-    figure: str
-    rate: str = ""
-    target: str = ""
-    verdict: str = ""
 
 
 @dataclasses.dataclass
@@ -658,11 +648,6 @@ def profile(folder: Path, source: DovecotServer, jobs: Path) -> str:
 # ------------------------------------------------------------------------------------------ the benchmark
 
 
-def verdict(ok: bool) -> str:
-    """The verdict of one target."""
-    return "OK" if ok else "MISSED"
-
-
 def rates(messages: int, size: int, seconds: float) -> str:
     """Messages per second and MB per second."""
     return f"{messages / seconds:,.0f} msg/s, {size / seconds / 1e6:,.1f} MB/s"
@@ -796,13 +781,7 @@ def print_table(rows: list[Row], messages: int, folders: int, loads: tuple[float
           "Dovecot mail_fsync = never")
     # the copiers and the three Dovecots share the machine's cores: other work on it moves every figure
     print(f"load average (1 min) before and after: {loads[0]:.2f}, {loads[1]:.2f}")
-    heading = Row("step", "figure", "rate", "target", "verdict")
-    widths = [max(len(getattr(row, name)) for row in [heading, *rows])
-              for name in ("step", "figure", "rate", "target", "verdict")]
-    for row in [heading, *rows]:
-        cells = (row.step, row.figure, row.rate, row.target, row.verdict)
-        print("  ".join(cell.ljust(width) if index == 0 else cell.rjust(width) if index < 3 else cell.ljust(width)
-                        for index, (cell, width) in enumerate(zip(cells, widths))).rstrip())
+    print_rows(rows)
 
 
 def main(argv: list[str] | None = None) -> int:

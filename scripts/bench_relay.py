@@ -54,6 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' helpers for private servers (tests/ is not a package)
 
 import configs  # noqa: E402  (tests/configs.py: the consolidation file the relay's config starts from)
+from benchtable import Row, print_rows, verdict  # noqa: E402  (this folder)
 from servers import LOOPBACK, NOBODY, free_port, read_banner, require_program  # noqa: E402
 
 from mailmerge_gov.config import Relay, load_config  # noqa: E402
@@ -91,17 +92,6 @@ class Result:
     delivered: int
     peak_rss: int  # bytes
     peak_pss: int | None = None  # bytes; Postfix only (several processes)
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-    """One line of the table."""
-
-    step: str
-    figure: str
-    rate: str = ""
-    target: str = ""
-    verdict: str = ""
 
 
 # --- the sink ----------------------------------------------------------------------------------------------------
@@ -461,11 +451,6 @@ def run_postfix(folder: Path, load: Load, recipient: str, pairs: list[tuple[str,
 # --- the table ---------------------------------------------------------------------------------------------------
 
 
-def verdict(ok: bool) -> str:
-    """The verdict of one target."""
-    return "OK" if ok else "MISSED"
-
-
 def mb(count: int) -> str:
     """Bytes as MB."""
     return f"{count / 1e6:,.0f} MB"
@@ -598,13 +583,7 @@ def print_table(rows: list[Row]) -> None:
                              text=True).stdout.strip()
     print(f"\nmailmerge-gov relay benchmark: {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"Postfix {postfix} (forwarder, smtp-source, smtp-sink)")
-    header = Row("step", "figure", "rate", "target", "verdict")
-    widths = [max(len(getattr(row, name)) for row in [header, *rows])
-              for name in ("step", "figure", "rate", "target", "verdict")]
-    for row in [header, *rows]:
-        cells = (row.step, row.figure, row.rate, row.target, row.verdict)
-        print("  ".join(cell.ljust(width) if index == 0 else cell.rjust(width) if index < 3 else cell.ljust(width)
-                        for index, (cell, width) in enumerate(zip(cells, widths))).rstrip())
+    print_rows(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
