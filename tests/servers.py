@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import base64
 import ctypes
+import json
 import os
 import pwd
+import queue
 import secrets
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 LOOPBACK = "127.0.0.1"
 # Every wait below has an overall deadline: a misconfigured Dovecot login service never exits, it retries with
@@ -798,3 +803,47 @@ class SmtpSink:
         self.stop_seconds = time.monotonic() - began
         if self.dir != Path() and self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RelayDaemon:
+    """`mailmerge-gov relay serve` in a child process; its stderr read line by line in a thread."""
+
+    def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "mailmerge_gov", "relay", "serve", "-c", str(config)],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                     env=env, start_new_session=True)
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.seen: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            self.lines.put(raw.decode("utf-8", "replace").rstrip("\n"))
+
+    def event(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
+        """Wait for the next JSON log line of event `name` (other lines are kept in self.seen)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                line = self.lines.get(timeout=max(remaining, 0.01))
+            except queue.Empty:
+                raise AssertionError(f"no {name!r} event; the daemon said: {self.seen}") from None
+            self.seen.append(line)
+            try:
+                data = json.loads(line)
+            except ValueError:
+                continue
+            if data.get("event") == name:
+                return data
+
+    def stop(self) -> None:
+        """SIGTERM by pid, then SIGKILL if it does not stop."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import json
 import os
-import queue
 import signal
 import smtplib
-import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +16,7 @@ from click.testing import CliRunner
 
 from mailmerge_gov.cli import cli
 from mailmerge_gov.config import ConfigError, Secret, load_config
-from servers import LOOPBACK, free_port
+from servers import LOOPBACK, RelayDaemon, free_port
 
 MAP = """\
 old_address,new_address,valid_until
@@ -202,50 +197,6 @@ class Sink:
         return "250 2.0.0 Ok: queued"
 
 
-class Daemon:
-    """`mailmerge-gov relay serve` in a child process; its stderr read line by line in a thread."""
-
-    def __init__(self, config: Path, env: dict[str, str]) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "mailmerge_gov", "relay", "serve", "-c", str(config)],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     env=env, start_new_session=True)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            self.lines.put(raw.decode("utf-8", "replace").rstrip("\n"))
-
-    def event(self, name: str, timeout: float = 10.0) -> dict[str, object]:
-        """Wait for the next JSON log line of event `name` (other lines are kept in self.seen)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                line = self.lines.get(timeout=max(remaining, 0.01))
-            except queue.Empty:
-                raise AssertionError(f"no {name!r} event; the daemon said: {self.seen}") from None
-            self.seen.append(line)
-            try:
-                data = json.loads(line)
-            except ValueError:
-                continue
-            if data.get("event") == name:
-                return data
-
-    def stop(self) -> None:
-        """SIGTERM by pid, then SIGKILL if it does not stop."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 @pytest.fixture
 def daemon_setup(tmp_path: Path) -> Iterator[tuple[Path, Sink, int]]:
     """A next hop, and a config for a relay in front of it; yields (config, sink, relay port)."""
@@ -273,7 +224,7 @@ def rcpt(port: int, address: str) -> tuple[int, bytes]:
 
 def test_serve_logs_reloads_and_drains(daemon_setup: tuple[Path, Sink, int]) -> None:
     config, sink, port = daemon_setup
-    daemon = Daemon(config, {**os.environ, "TZ": "Asia/Ho_Chi_Minh"})
+    daemon = RelayDaemon(config, {**os.environ, "TZ": "Asia/Ho_Chi_Minh"})
     try:
         listening = daemon.event("listening")
         assert (listening["address"], listening["addresses"]) == (f"{LOOPBACK}:{port}", 2)

@@ -12,16 +12,12 @@ import asyncio
 import base64
 import concurrent.futures
 import datetime as dt
-import json
 import os
 import pwd
-import queue
 import re
 import signal
 import smtplib
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -42,7 +38,8 @@ from mailmerge_gov.forwarding.addressmap import AddressMap, parse_map
 from mailmerge_gov.forwarding.handler import (RelayController, RelayHandler, RelaySettings, TransactionRecord,
                                               relay_controller)
 from mailmerge_gov.forwarding.nexthop import NextHopSettings
-from servers import LOOPBACK, NOBODY, SmtpSink, free_port, make_server_dir, read_banner, require_program, wait_until
+from servers import (LOOPBACK, NOBODY, RelayDaemon, SmtpSink, free_port, make_server_dir, read_banner,
+                     require_program, wait_until)
 
 OLD_DOMAINS = ("binhduong.gov.vn", "brvt.gov.vn")
 # 20 officials: the load test spreads its messages over them
@@ -561,49 +558,6 @@ SHUTDOWN_TIMEOUT = 3.0
 LIVE_MAP = MAP.replace("2026-06-30", "2099-12-31")  # the daemon looks up on the real today
 
 
-class Daemon:
-    """`mailmerge-gov relay serve` in a child process; its stderr read line by line in a thread."""
-
-    def __init__(self, config: Path) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "mailmerge_gov", "relay", "serve", "-c", str(config)],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                     start_new_session=True)
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.seen: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            self.lines.put(raw.decode("utf-8", "replace").rstrip("\n"))
-
-    def event(self, name: str, timeout: float = 10.0) -> dict[str, Any]:
-        """Wait for the next JSON log line of event `name` (every line read is kept in self.seen)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(deadline - time.monotonic(), 0.01))
-            except queue.Empty:
-                raise AssertionError(f"no {name!r} event; the daemon said: {self.seen}") from None
-            self.seen.append(line)
-            try:
-                data = json.loads(line)
-            except ValueError:
-                continue
-            if data.get("event") == name:
-                return data
-
-    def stop(self) -> None:
-        """SIGTERM by pid, then SIGKILL if it does not stop."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
 def daemon_config(tmp_path: Path, next_hop_port: int, listen_port: int, next_hop_timeout: float = 5.0) -> Path:
     """A consolidation file whose [relay] listens on `listen_port` and forwards to the next hop."""
     (tmp_path / "map.csv").write_text(LIVE_MAP, encoding="utf-8")
@@ -653,7 +607,7 @@ def first_line(client: smtplib.SMTP) -> tuple[int, bytes]:
 def test_sigterm_with_sessions_in_data_loses_none(tmp_path: Path) -> None:
     handler = SinkHandler(data_delay=0.3)  # the next hop takes a moment: the relay waits for it during the drain
     next_hop = next_hop_controller(handler)
-    daemon = Daemon(daemon_config(tmp_path, next_hop.port, free_port()))
+    daemon = RelayDaemon(daemon_config(tmp_path, next_hop.port, free_port()))
     try:
         port = int(daemon.event("listening")["address"].rsplit(":", 1)[1])
         finishers = list(range(0, 6))  # finish their message after SIGTERM, within the deadline
@@ -702,7 +656,7 @@ def test_sigterm_while_the_next_hop_is_slower_than_the_deadline(tmp_path: Path) 
     # The message is complete and the relay waits for the next hop's answer when the drain deadline passes.
     handler = SinkHandler(data_delay=SHUTDOWN_TIMEOUT + 1.0)
     next_hop = next_hop_controller(handler)
-    daemon = Daemon(daemon_config(tmp_path, next_hop.port, free_port(), next_hop_timeout=10.0))
+    daemon = RelayDaemon(daemon_config(tmp_path, next_hop.port, free_port(), next_hop_timeout=10.0))
     try:
         port = int(daemon.event("listening")["address"].rsplit(":", 1)[1])
         first, rest = sigterm_message(0)
