@@ -137,3 +137,16 @@ def test_verify_repair_makes_the_next_pass_copy_a_lost_message_again(planned: st
     assert output.splitlines()[0] == f"hcm:annv@hcm.gov.vn -> annv@hcm.gov.vn: copied 1 messages ({size} bytes)"
     code, output = run("mailbox", "verify", "-c", planned, "--only", "annv@hcm.gov.vn")
     assert (code, output.splitlines()[-1]) == (0, "verified 1 mailboxes: nothing missing")
+
+
+def test_a_failing_mailbox_does_not_stop_the_others_and_the_exit_code_says_so(planned: str, tmp_path: Path) -> None:
+    jobs = tmp_path / "jobs.csv"
+    jobs.write_text("source,source_mailbox,target_mailbox\nhcm,gone@hcm.gov.vn,gone@hcm.gov.vn\n"
+                    "hcm,annv@hcm.gov.vn,annv@hcm.gov.vn\n", encoding="utf-8")
+    result = CliRunner().invoke(cli, ["mailbox", "migrate", "-c", planned, "--from-csv", str(jobs)])
+    lines = result.stdout.splitlines()
+    assert result.exit_code == 1
+    assert lines[0].startswith("hcm:gone@hcm.gov.vn -> gone@hcm.gov.vn: copied 0 messages (0 bytes); FAILED: Maildir ")
+    assert lines[0].endswith("gone@hcm.gov.vn does not exist")
+    assert lines[1] == "hcm:annv@hcm.gov.vn -> annv@hcm.gov.vn: copied 23 messages (30980 bytes)"
+    assert lines[-1] == "1 of 2 mailboxes done; 1 failed (run again to retry them)"
