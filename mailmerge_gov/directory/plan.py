@@ -141,8 +141,8 @@ def _make_plan(config: Config, store: Store) -> Plan:
             for a, source in _old_addresses(draft.records) if a != address
         )
         old_units = tuple((r.source, r.unit or "", units.old_code(r)) for r in draft.records)
-        people.append(dataclasses.replace(draft.person, address=address, kept=bool(assignment and assignment.kept),
-                                          unit_code=unit_code, aliases=aliases, old_units=old_units))
+        people.append(PlannedPerson(**draft.fields, address=address, kept=bool(assignment and assignment.kept),
+                                    unit_code=unit_code, aliases=aliases, old_units=old_units))
         issues.extend(_person_issues(draft, assignment))
     issues = _resolution_issues(resolution) + _one_per_unit(issues)
     for read in reads.values():
@@ -163,8 +163,30 @@ class _Draft:
     records: tuple[SourceRecord, ...]
     naming: SourceRecord
     parts: NameParts  # of the naming record's name
-    person: PlannedPerson
+    # The PlannedPerson's fields but the address and unit, which come later: the person is built
+    # once, when they are known (dataclasses.replace of 100,000 people was half a second).
+    fields: dict[str, Any]
     keep: str | None
+
+    @property
+    def kind(self) -> str:
+        """"person" or "role"."""
+        return self.fields["kind"]
+
+    @property
+    def disabled(self) -> bool:
+        """Whether every record of the identity is disabled."""
+        return self.fields["disabled"]
+
+    @property
+    def full_name(self) -> str:
+        """The name the identity is known by."""
+        return self.fields["full_name"]
+
+    @property
+    def refs(self) -> tuple[str, ...]:
+        """The refs of the identity's records, naming record first."""
+        return self.fields["records"]
 
 
 def _draft(identity: int, records: Sequence[SourceRecord], config: Config, order: dict[str, int],
@@ -178,16 +200,16 @@ def _draft(identity: int, records: Sequence[SourceRecord], config: Config, order
     domain = "@" + config.target.mail_domain
     kept = next((r.mail for r in ranked if r.source in keep and r.mail and r.mail.endswith(domain)), None)
     role = any(is_role(r, config.addressing.reserved) for r in records)
-    person = PlannedPerson(
+    fields = dict(
         identity=identity, kind="role" if role else "person", full_name=parts.full, family=parts.family,
-        middle=parts.middle, given=parts.given, address="", kept=False, unit_code=None,
+        middle=parts.middle, given=parts.given,
         title=next((r.title for r in ranked if r.title), None),
         phones=_merged(r.phones for r in ranked), mobiles=_merged(r.mobiles for r in ranked),
         disabled=all(r.disabled for r in records), records=tuple(r.ref for r in ranked),
         groups=_merged(tuple(f"{r.source}:{g}" for g in r.member_of) for r in ranked),
         mailboxes=tuple((r.source, r.mail) for r in ranked if r.mail),
     )
-    return _Draft(tuple(ranked), naming, parts, person, kept)
+    return _Draft(tuple(ranked), naming, parts, fields, kept)
 
 
 def _merged(groups: Any) -> tuple[str, ...]:
@@ -216,10 +238,10 @@ def _assign(config: Config, store: Store, drafts: dict[int, _Draft], resolution:
     official = {row.identity_id: (row.address, row.state) for row in rows
                 if row.role == "official" and row.state == "applied"}
     candidates = [
-        Candidate(identity=identity, kind=d.person.kind, parts=d.parts,
+        Candidate(identity=identity, kind=d.kind, parts=d.parts,
                   source=d.naming.source, own_addresses=tuple(a for r in d.records for a in r.addresses),
                   keep=d.keep)
-        for identity, d in drafts.items() if not d.person.disabled
+        for identity, d in drafts.items() if not d.disabled
     ]
     return assign_addresses(candidates, config, held_addresses(owners), official)
 
@@ -259,8 +281,8 @@ def _unit(units: _Units, draft: _Draft) -> tuple[str | None, list[Issue]]:
     Disabled accounts are not carried over, so their units raise no issue.
     """
     record = next((r for r in draft.records if r.unit), draft.naming)
-    subject = f"{record.ref} ({draft.person.full_name})"
-    if draft.person.disabled:
+    subject = f"{record.ref} ({draft.full_name})"
+    if draft.disabled:
         mapping = units.mapping(record)
         return (mapping.new_code if mapping else None), []
     if record.unit is None:
@@ -295,12 +317,11 @@ def _one_per_unit(issues: list[Issue]) -> list[Issue]:
 
 def _person_issues(draft: _Draft, assignment: Assignment | None) -> list[Issue]:
     """Report disabled accounts, role mailboxes and collisions of one identity."""
-    person = draft.person
-    subject = f"{person.full_name} ({', '.join(person.records)})"
+    subject = f"{draft.full_name} ({', '.join(draft.refs)})"
     issues = []
-    if person.disabled:
-        issues.append(Issue("disabled", subject, False, {"records": list(person.records)}))
-    if person.kind == "role" and assignment:
+    if draft.disabled:
+        issues.append(Issue("disabled", subject, False, {"records": list(draft.refs)}))
+    if draft.kind == "role" and assignment:
         issues.append(Issue("role", subject, False, {"address": assignment.address}))
     if assignment and assignment.taken:
         issues.append(Issue("collision", subject, False,
