@@ -458,5 +458,6 @@ def _join_hr(records: list[SourceRecord], path: Path) -> tuple[list[SourceRecord
                 warnings.append(f"{where}: {who} has no unit in the directory; HR has '{hr_unit}'")
             elif hr_unit and record.unit != hr_unit:
                 warnings.append(f"{where}: {who} is in '{record.unit}' in the directory, '{hr_unit}' in HR")
-            joined[index] = dataclasses.replace(record, **changes)  # type: ignore[arg-type]
+            if changes:
+                joined[index] = dataclasses.replace(record, **changes)  # type: ignore[arg-type]
     return joined, warnings
