@@ -184,10 +184,13 @@ def _suggest(people: Sequence[SourceRecord], groups: _Groups, decisions: Mapping
              reserved: tuple[str, ...], apart: set[frozenset[str]],
              new_unit: Callable[[SourceRecord], str | None]) -> tuple[Suggestion, ...]:
     """Pair records of different identities that share a folded name and one more fact."""
-    by_name: dict[str, list[_Facts]] = defaultdict(list)
+    named: dict[str, list[SourceRecord]] = defaultdict(list)
     for record in people:
         if not is_role(record, reserved):
-            by_name[fold(record.full_name)].append(_facts(record, groups, new_unit(record)))
+            named[fold(record.full_name)].append(record)
+    # Only a name two records share can make a pair: the facts of the others are never compared.
+    by_name = {name: [_facts(record, groups, new_unit(record)) for record in records]
+               for name, records in named.items() if len(records) > 1}
     # A title is a hint only when it singles an official out: "Nguyễn Văn An, Chuyên viên" of Sở Y tế
     # is a hint when each source has one such official, none when a source has three (and at
     # 100,000 officials the common names and titles made 260,000 suggestions no one could decide).
