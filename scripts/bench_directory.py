@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' private slapd (tests/ is not a package)
 
 import generate_example as generator  # noqa: E402  (this folder: the example's generator)
-from benchtable import Row, megabytes, print_rows, verdict  # noqa: E402  (this folder)
+from benchtable import Row, megabytes, print_rows, run_child, verdict  # noqa: E402  (this folder)
 from servers import SlapdServer, ldif_dn, ldif_entries, require_program  # noqa: E402
 
 from mailmerge_gov.config import load_config  # noqa: E402
@@ -82,15 +82,6 @@ applyplan.check_plan_is_reviewed = lambda plan: None
 from mailmerge_gov.cli import cli
 cli.main(["directory", "apply", "-c", sys.argv[1]], standalone_mode=False)
 """
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """One child process: how long it took and its peak resident memory."""
-
-    seconds: float
-    max_rss: int  # bytes
-    output: str
 
 
 def scaled_sources(total: int) -> list[generator.Source]:
@@ -165,21 +156,6 @@ def generate(folder: Path, scale: int, seed: int) -> dict[str, dict]:
         (folder / relative).parent.mkdir(parents=True, exist_ok=True)
         (folder / relative).write_bytes(data)
     return directories.counts
-
-
-def run_child(args: list[str], folder: Path, name: str) -> Run:
-    """Run a child process to its end; measure its wall time and (wait4) its own peak RSS."""
-    log = folder / f"{name}.log"
-    began = time.perf_counter()
-    with log.open("wb") as out:
-        child = subprocess.Popen(args, cwd=folder, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - began
-    child.returncode = os.waitstatus_to_exitcode(status)
-    output = log.read_text(errors="replace")
-    if child.returncode != 0:
-        raise RuntimeError(f"{name} failed with exit code {child.returncode}:\n{output[-4000:]}")
-    return Run(seconds, usage.ru_maxrss * 1024, output)  # Linux gives ru_maxrss in KiB
 
 
 def ldapadd(server: SlapdServer, ldif: Path) -> float:

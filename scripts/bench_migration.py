@@ -62,7 +62,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' private Dovecot (tests/ is not a package)
 
 import imapclient  # noqa: E402
-from benchtable import Row, print_rows, verdict  # noqa: E402  (this folder)
+from benchtable import Row, Run, print_rows, run_child, verdict  # noqa: E402  (this folder)
 from servers import DovecotServer, group_members, require_program  # noqa: E402
 
 from mailmerge_gov.config import ConfigError, load_config  # noqa: E402
@@ -118,17 +118,6 @@ TOPICS = ("việc sắp xếp đơn vị hành chính cấp tỉnh", "kế hoạ
 TAILS = ("trước ngày {d}.", "theo đúng quy định hiện hành.", "và báo cáo kết quả về Văn phòng.",
          "để tổng hợp trình Ủy ban nhân dân tỉnh.", "trong thời gian sớm nhất.", "bảo đảm an toàn thông tin.",
          "(có văn bản kèm theo).", "theo Nghị quyết số {n}/NQ-HĐND.")
-
-
-@dataclasses.dataclass(frozen=True)
-class Run:
-    """One child process: how long it took, its CPU time and its peak resident memory."""
-
-    seconds: float
-    cpu: float  # user + system seconds of the child (its own children included when it waited for them)
-    max_rss: int  # bytes
-    output: str
-    code: int
 
 
 @dataclasses.dataclass
@@ -561,22 +550,6 @@ Expunge None
     path.write_text(text, encoding="utf-8")
     path.chmod(0o600)  # it holds the master password
     return path
-
-
-def run_child(args: list[str], folder: Path, name: str, ok_codes: tuple[int, ...] = (0,)) -> Run:
-    """Run a child process to its end; measure its wall time and (wait4) its own CPU time and peak RSS."""
-    log = folder / f"{name}.log"
-    began = time.perf_counter()
-    with log.open("wb") as out:
-        child = subprocess.Popen(args, cwd=folder, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-        _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - began
-    child.returncode = os.waitstatus_to_exitcode(status)
-    output = log.read_text(errors="replace")
-    if child.returncode not in ok_codes:
-        raise RuntimeError(f"{name} failed with exit code {child.returncode}:\n{output[-4000:]}")
-    # Linux gives ru_maxrss in KiB
-    return Run(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, output, child.returncode)
 
 
 def server_cpu(server: DovecotServer) -> float:
