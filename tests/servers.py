@@ -8,6 +8,7 @@ shared/server-notes.md ("the notes" below).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import ctypes
 import json
 import os
@@ -16,6 +17,7 @@ import queue
 import secrets
 import shutil
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
@@ -847,3 +849,26 @@ class RelayDaemon:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+@dataclasses.dataclass
+class Relay:
+    """A forwarding relay running in a thread of the test process: its port, handler, controller and log."""
+
+    port: int
+    handler: Any  # mailmerge_gov.forwarding.handler.RelayHandler
+    controller: Any  # its aiosmtpd controller
+    records: list[Any]  # the TransactionRecords it logged
+
+    def client(self) -> smtplib.SMTP:
+        """An smtplib client that has said EHLO."""
+        client = smtplib.SMTP(LOOPBACK, self.port, local_hostname="mail.example.org", timeout=15)
+        client.ehlo()
+        return client
+
+    def wait_records(self, count: int, timeout: float = 5.0) -> list[Any]:
+        """Wait until `count` transactions have been logged."""
+        deadline = time.monotonic() + timeout
+        while len(self.records) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.records

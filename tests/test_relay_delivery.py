@@ -38,7 +38,7 @@ from mailmerge_gov.forwarding.addressmap import AddressMap, parse_map
 from mailmerge_gov.forwarding.handler import (RelayController, RelayHandler, RelaySettings, TransactionRecord,
                                               relay_controller)
 from mailmerge_gov.forwarding.nexthop import NextHopSettings
-from servers import (LOOPBACK, NOBODY, RelayDaemon, SmtpSink, free_port, make_server_dir, read_banner,
+from servers import (LOOPBACK, NOBODY, Relay, RelayDaemon, SmtpSink, free_port, make_server_dir, read_banner,
                      require_program, wait_until)
 
 OLD_DOMAINS = ("binhduong.gov.vn", "brvt.gov.vn")
@@ -113,28 +113,6 @@ def sink() -> Iterator[tuple[SinkHandler, int]]:
 # --- the relay, in this process ----------------------------------------------------------------------------------
 
 
-@dataclass
-class Relay:
-    """A relay running in a thread of this process, and the transactions it logged."""
-
-    port: int
-    controller: RelayController
-    records: list[TransactionRecord]
-
-    def client(self) -> smtplib.SMTP:
-        """An smtplib client that has said EHLO."""
-        client = smtplib.SMTP(LOOPBACK, self.port, local_hostname="mail.example.org", timeout=15)
-        client.ehlo()
-        return client
-
-    def wait_records(self, count: int, timeout: float = 5.0) -> list[TransactionRecord]:
-        """Wait until `count` transactions have been logged."""
-        deadline = time.monotonic() + timeout
-        while len(self.records) < count and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return self.records
-
-
 @pytest.fixture
 def address_map() -> AddressMap:
     return parse_map(MAP, "map.csv", OLD_DOMAINS)
@@ -154,7 +132,7 @@ def start_relay(address_map: AddressMap) -> Iterator[Callable[..., Relay]]:
         controller = relay_controller(handler, LOOPBACK, free_port())
         controller.start()
         controllers.append(controller)
-        return Relay(controller.port, controller, records)
+        return Relay(controller.port, handler, controller, records)
 
     yield start
     for controller in controllers:

@@ -6,7 +6,6 @@ import asyncio
 import datetime as dt
 import os
 import pwd
-import smtplib
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +21,7 @@ from mailmerge_gov.forwarding.addressmap import AddressMap, parse_map
 from mailmerge_gov.forwarding.handler import (RelayHandler, RelaySettings, TransactionRecord, relay_controller)
 from mailmerge_gov.forwarding.nexthop import NextHopSettings
 from mailmerge_gov.forwarding.srs import Srs
-from servers import LOOPBACK, NOBODY, SmtpSink, free_port, make_server_dir, read_banner, require_program, wait_until
+from servers import LOOPBACK, NOBODY, Relay, SmtpSink, free_port, make_server_dir, read_banner, require_program, wait_until
 
 OLD_DOMAINS = ("binhduong.gov.vn", "brvt.gov.vn")
 MAP = """\
@@ -120,28 +119,6 @@ def sink() -> Iterator[SinkHandler]:
 # --- the relay -------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Relay:
-    """A running relay, its handler and the transactions it logged."""
-
-    port: int
-    handler: RelayHandler
-    records: list[TransactionRecord]
-
-    def client(self) -> smtplib.SMTP:
-        """An smtplib client that has said EHLO."""
-        client = smtplib.SMTP(LOOPBACK, self.port, local_hostname="mail.example.org", timeout=10)
-        client.ehlo()
-        return client
-
-    def wait_records(self, count: int, timeout: float = 5.0) -> list[TransactionRecord]:
-        """Wait until `count` transactions have been logged."""
-        deadline = time.monotonic() + timeout
-        while len(self.records) < count and time.monotonic() < deadline:
-            time.sleep(0.01)
-        return self.records
-
-
 @pytest.fixture
 def address_map() -> AddressMap:
     return parse_map(MAP, "map.csv", OLD_DOMAINS)
@@ -162,7 +139,7 @@ def start_relay(address_map: AddressMap) -> Iterator[Callable[..., Relay]]:
         controller = relay_controller(handler, LOOPBACK, free_port())
         controller.start()
         controllers.append(controller)
-        return Relay(controller.port, handler, records)
+        return Relay(controller.port, handler, controller, records)
 
     yield start
     for controller in controllers:
