@@ -747,12 +747,23 @@ def kill_group_and_reap(proc: subprocess.Popen[bytes], timeout: float = STOP_TIM
 # smtp-sink
 
 
+def _accepts(port: int) -> bool:
+    """Tell whether something listens on a loopback port."""
+    try:
+        socket.create_connection((LOOPBACK, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
 class SmtpSink:
     """Postfix's smtp-sink on a free loopback port: a real SMTP server that keeps each message in a file."""
 
-    def __init__(self, hostname: str = "sink.test") -> None:
-        """Describe the instance; nothing runs until start()."""
+    def __init__(self, hostname: str = "sink.test", options: Sequence[str] = ()) -> None:
+        """Describe the instance; nothing runs until start(). options: more smtp-sink options, e.g. -r RCPT
+        (4xx at RCPT), -f RCPT (5xx), -b/-B (the replies), -Q CONNECT (421), -q CONNECT (drop)."""
         self.hostname = hostname
+        self.options = tuple(options)
         self.host = LOOPBACK
         self.port = 0
         self.dir = Path()
@@ -772,7 +783,7 @@ class SmtpSink:
         try:
             self.port = free_port()
             self.dump_dir.mkdir()
-            args = [sink, "-4", "-h", self.hostname, "-d", f"{self.dump_dir}/%Y%m%d%H%M%S."]
+            args = [sink, "-4", "-h", self.hostname, "-d", f"{self.dump_dir}/%Y%m%d%H%M%S.", *self.options]
             if os.geteuid() == 0:
                 # as root smtp-sink refuses to start without -u ("fatal: -u option is required if running as
                 # root"); it then writes the dump files as that user
@@ -785,7 +796,10 @@ class SmtpSink:
                 self.proc = subprocess.Popen(
                     args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
                 )
-            wait_until(lambda: read_banner(self.port).startswith(b"220"), self.proc, "smtp-sink", [log])
+            # -Q CONNECT / -q CONNECT never greet with 220: then a port that accepts connections is ready
+            refuses = "CONNECT" in " ".join(self.options)
+            wait_until(lambda: _accepts(self.port) if refuses else read_banner(self.port).startswith(b"220"),
+                       self.proc, "smtp-sink", [log])
             self.start_seconds = time.monotonic() - began
         except BaseException:
             self.stop()

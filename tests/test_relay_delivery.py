@@ -12,8 +12,6 @@ import asyncio
 import base64
 import concurrent.futures
 import datetime as dt
-import os
-import pwd
 import re
 import signal
 import smtplib
@@ -38,8 +36,7 @@ from mailmerge_gov.forwarding.addressmap import AddressMap, parse_map
 from mailmerge_gov.forwarding.handler import (RelayController, RelayHandler, RelaySettings, TransactionRecord,
                                               relay_controller)
 from mailmerge_gov.forwarding.nexthop import NextHopSettings
-from servers import (LOOPBACK, NOBODY, Relay, RelayDaemon, SmtpSink, free_port, make_server_dir, read_banner,
-                     require_program, wait_until)
+from servers import LOOPBACK, Relay, RelayDaemon, SmtpSink, free_port, require_program
 
 OLD_DOMAINS = ("binhduong.gov.vn", "brvt.gov.vn")
 # 20 officials: the load test spreads its messages over them
@@ -300,33 +297,6 @@ def test_swaks_open_relay_next_to_a_real_recipient(start_relay: Callable[..., Re
 # --- 3. Postfix smtp-sink as a next hop that refuses -------------------------------------------------------------
 
 
-class RefusingSink(SmtpSink):
-    """Postfix smtp-sink with options that make it refuse (-r soft, -f hard, -b/-B the replies, -Q 421, -q drop)."""
-
-    def __init__(self, *options: str) -> None:
-        super().__init__(hostname="mx.hcm.test")
-        self.options = options
-
-    def start(self) -> None:
-        """Start smtp-sink as SmtpSink does, with the extra options; wait for its greeting (or its refusal)."""
-        program = require_program("smtp-sink", "postfix")
-        self.dir = make_server_dir("mmg-sink-")
-        self.port = free_port()
-        self.dump_dir.mkdir()
-        args = [program, "-4", "-h", self.hostname, "-d", f"{self.dump_dir}/%Y%m%d%H%M%S.", *self.options]
-        if os.geteuid() == 0:
-            args += ["-u", NOBODY]
-            os.chown(self.dump_dir, pwd.getpwnam(NOBODY).pw_uid, -1)
-        args += [f"{LOOPBACK}:{self.port}", "64"]
-        log = self.dir / "smtp-sink.log"
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
-        # -Q CONNECT / -q CONNECT never greet with 220: then a connection that is accepted is enough
-        wait_until(lambda: read_banner(self.port) != b"" or "CONNECT" in " ".join(self.options), self.proc,
-                   "smtp-sink", [log])
-
-
 def deferred(reply: str) -> tuple[int, bytes]:
     """The relay's 451 for a next-hop 4xx reply."""
     return 451, DEFERRED_PREFIX + reply.encode()
@@ -371,7 +341,7 @@ def test_smtp_sink_refusals(start_relay: Callable[..., Relay], options: tuple[st
                            at_rcpt: tuple[int, bytes] | list[tuple[int, bytes]],
                            at_dot: tuple[int, bytes] | None) -> None:
     rcpt_replies = at_rcpt if isinstance(at_rcpt, list) else [at_rcpt]
-    next_hop = started(RefusingSink(*options))
+    next_hop = started(SmtpSink(hostname="mx.hcm.test", options=options))
     try:
         relay = start_relay(next_hop.port)
         with relay.client() as client:

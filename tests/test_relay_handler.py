@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import os
-import pwd
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,7 +18,7 @@ from mailmerge_gov.forwarding.addressmap import AddressMap, parse_map
 from mailmerge_gov.forwarding.handler import (RelayHandler, RelaySettings, TransactionRecord, relay_controller)
 from mailmerge_gov.forwarding.nexthop import NextHopSettings
 from mailmerge_gov.forwarding.srs import Srs
-from servers import LOOPBACK, NOBODY, Relay, SmtpSink, free_port, make_server_dir, read_banner, require_program, wait_until
+from servers import LOOPBACK, Relay, SmtpSink, free_port
 
 OLD_DOMAINS = ("binhduong.gov.vn", "brvt.gov.vn")
 MAP = """\
@@ -509,31 +506,6 @@ def test_client_gone_during_data_next_hop_call_is_finished(sink: SinkHandler,
 # --- Postfix smtp-sink as the next hop -------------------------------------------------------------------------
 
 
-class OptionSink(SmtpSink):
-    """Postfix smtp-sink started with extra options (-r RCPT: 4xx at RCPT, -f RCPT: 5xx, ...)."""
-
-    def __init__(self, *options: str) -> None:
-        super().__init__(hostname="mx.hcm.test")
-        self.options = options
-
-    def start(self) -> None:
-        """Start smtp-sink like SmtpSink does, with the extra options."""
-        program = require_program("smtp-sink", "postfix")
-        self.dir = make_server_dir("mmg-sink-")
-        self.port = free_port()
-        self.dump_dir.mkdir()
-        args = [program, "-4", "-h", self.hostname, "-d", f"{self.dump_dir}/%Y%m%d%H%M%S.", *self.options]
-        if os.geteuid() == 0:
-            args += ["-u", NOBODY]
-            os.chown(self.dump_dir, pwd.getpwnam(NOBODY).pw_uid, -1)
-        args += [f"{LOOPBACK}:{self.port}", "64"]
-        log = self.dir / "smtp-sink.log"
-        with log.open("wb") as out:
-            self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         start_new_session=True)
-        wait_until(lambda: read_banner(self.port).startswith(b"220"), self.proc, "smtp-sink", [log])
-
-
 def test_postfix_smtp_sink_receives_the_exact_message(smtp_sink: SmtpSink, start_relay: Callable[..., Relay]) -> None:
     relay = start_relay(smtp_sink.port)
     with relay.client() as client:
@@ -559,7 +531,7 @@ def test_postfix_smtp_sink_receives_the_exact_message(smtp_sink: SmtpSink, start
 ])
 def test_postfix_smtp_sink_refusals(start_relay: Callable[..., Relay], options: tuple[str, ...],
                                     expected: tuple[int, bytes]) -> None:
-    sink = started(OptionSink(*options))
+    sink = started(SmtpSink(hostname="mx.hcm.test", options=options))
     try:
         relay = start_relay(sink.port)
         with relay.client() as client:
