@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -19,6 +20,38 @@ class Run:
     max_rss: int  # bytes
     output: str
     code: int
+    tree_rss: int = 0  # bytes: the highest sum of the RSS of the child and all its descendants, sampled
+
+
+def tree_rss(pid: int) -> int:
+    """Sum the resident memory of a process and every descendant it has now (0 once it is gone)."""
+    total = 0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            with open(f"/proc/{current}/status", encoding="ascii", errors="replace") as status:
+                total += next((int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:")), 0)
+            for task in os.listdir(f"/proc/{current}/task"):  # a child started by any thread
+                with open(f"/proc/{current}/task/{task}/children", encoding="ascii") as children:
+                    pending += [int(child) for child in children.read().split()]
+        except (OSError, ValueError):
+            continue  # gone between two reads
+    return total
+
+
+class _TreeSampler(threading.Thread):
+    """Sample the RSS of a process tree every few milliseconds; keep the peak."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.peak = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.02):
+            self.peak = max(self.peak, tree_rss(self.pid))
 
 
 def run_child(args: list[str], folder: Path, name: str, ok_codes: tuple[int, ...] = (0,)) -> Run:
@@ -27,14 +60,21 @@ def run_child(args: list[str], folder: Path, name: str, ok_codes: tuple[int, ...
     began = time.perf_counter()
     with log.open("wb") as out:
         child = subprocess.Popen(args, cwd=folder, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # wait4 gives the largest single process of the tree; worker processes run beside their parent, so
+        # what the machine must hold is their sum, sampled
+        sampler = _TreeSampler(child.pid)
+        sampler.start()
         _, status, usage = os.wait4(child.pid, 0)
+        sampler.done.set()
+        sampler.join()
     seconds = time.perf_counter() - began
     child.returncode = os.waitstatus_to_exitcode(status)
     output = log.read_text(errors="replace")
     if child.returncode not in ok_codes:
         raise RuntimeError(f"{name} failed with exit code {child.returncode}:\n{output[-4000:]}")
     # Linux gives ru_maxrss in KiB
-    return Run(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, output, child.returncode)
+    return Run(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, output, child.returncode,
+               max(sampler.peak, usage.ru_maxrss * 1024))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from mailmerge_gov.config import load_config
-from mailmerge_gov.directory.plan import load_plan, make_plan
+from mailmerge_gov.directory.plan import load_plan, make_plan, read_sources
+from mailmerge_gov.directory.sources import SourceError
 from mailmerge_gov.directory.report import write_report
 from mailmerge_gov.store import open_store
 
@@ -143,3 +144,39 @@ def test_the_page_samples_the_items_that_do_not_block(planned) -> None:
     needs_review = html.split("<h3>Old unit marked &#39;needs review&#39; in the mapping file (7) <span class="
                               "\"blocking\">— chặn áp dụng / blocks apply</span></h3>\n")[1].split("</table>")[0]
     assert needs_review.count("<tr>") == 8  # blocking items are all listed
+
+
+@pytest.mark.parametrize("parallel_bytes", [0, 1 << 40], ids=["worker processes", "in turn"])
+def test_sources_read_in_worker_processes_or_in_turn_store_the_same(example_copy: Path, parallel_bytes: int) -> None:
+    config = load_config(example_copy / "consolidation.toml")
+    with open_store(config.state_file) as store:
+        reads, digest = read_sources(config, store, parallel_bytes=parallel_bytes)
+        stored = store.source_records()
+        snapshots = store.source_digests()
+    assert list(reads) == ["hcm", "binhduong", "baria-vungtau"]  # the config's order either way
+    assert {name: len(read.records) for name, read in reads.items()} == {"hcm": 307, "binhduong": 256,
+                                                                          "baria-vungtau": 225}
+    assert len(stored) == 788
+    assert sorted(r.ref for read in reads.values() for r in read.records) == sorted(r.ref for r in stored)
+    # the digest of the example's inputs, whichever way they were read
+    assert (digest, snapshots) == _serial_digest(example_copy)
+
+
+def _serial_digest(folder: Path) -> tuple[str, dict[str, str]]:
+    """The inputs digest and source digests of a plain, in-turn read of a copy of the example."""
+    config = load_config(folder / "consolidation.toml")
+    with open_store(folder / "serial.sqlite") as store:
+        _, digest = read_sources(config, store, parallel_bytes=1 << 40)
+        return digest, store.source_digests()
+
+
+@pytest.mark.parametrize("parallel_bytes", [0, 1 << 40], ids=["worker processes", "in turn"])
+def test_a_bad_line_read_in_a_worker_process_is_named_as_in_turn(example_copy: Path, parallel_bytes: int) -> None:
+    ldif = example_copy / "sources" / "binhduong" / "directory.ldif"
+    text = ldif.read_text(encoding="utf-8").rstrip("\n") + "\n\ndn: uid=broken,dc=binhduong,dc=gov,dc=vn\nno colon here\n"
+    ldif.write_text(text, encoding="utf-8")
+    line = text.count("\n")  # the last line
+    config = load_config(example_copy / "consolidation.toml")
+    with open_store(config.state_file) as store, pytest.raises(SourceError) as caught:
+        read_sources(config, store, parallel_bytes=parallel_bytes)
+    assert str(caught.value) == f"{ldif}, line {line}: expected 'attribute: value', found 'no colon here'"

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import gc
 import hashlib
+import multiprocessing
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from mailmerge_gov.config import Config
+from mailmerge_gov.config import Config, Source
 from mailmerge_gov.directory.addressing import Assignment, Candidate, assign_addresses, held_addresses
 from mailmerge_gov.directory.identity import Resolution, is_role, resolve_identities
 from mailmerge_gov.directory.model import Alias, Issue, PlannedPerson, SourceRecord, Structure, UnitMapping
-from mailmerge_gov.directory.sources import RecordRows, read_source
+from mailmerge_gov.directory.sources import RecordRows, SourceRead, read_source
 from mailmerge_gov.directory.structure import load_structure, map_unit
-from mailmerge_gov.store import AddressRow, Store
+from mailmerge_gov.store import AddressRow, Store, open_store
 from mailmerge_gov.vietnamese import NameParts, split_name
 
 
@@ -56,15 +59,68 @@ ISSUE_KINDS = {
 }
 
 
-def read_sources(config: Config, store: Store) -> tuple[dict[str, Any], str]:
+# Sources whose files add up to this many bytes (or any LDAP source) are read by worker processes,
+# one source each and as many at once as there are cores: reading is a third of a large plan's time.
+PARALLEL_BYTES = 16 * 1024 * 1024
+
+
+def read_sources(config: Config, store: Store, parallel_bytes: int = PARALLEL_BYTES) -> tuple[dict[str, Any], str]:
     """Read every source into the store; return the reads and the digest of all inputs."""
-    reads = {source.name: read_source(source) for source in config.sources}
-    digests = {}
-    for name, read in reads.items():
-        rows = RecordRows(read.records)  # encoded once, for the store and the digest
-        store.save_source_records(name, rows, rows.hexdigest)
-        digests[name] = rows.hexdigest()
-    return reads, inputs_digest(config, digests)
+    sources = config.sources
+    workers = min(len(sources), os.cpu_count() or 1)
+    if workers > 1 and _worth_parallel(sources, parallel_bytes):
+        done = _read_in_workers(sources, store.path, workers)
+    else:
+        done = {source.name: _read_into(source, store) for source in sources}
+    reads = {source.name: done[source.name][0] for source in sources}  # in the config's order, as read serially
+    return reads, inputs_digest(config, {name: digest for name, (_, digest) in done.items()})
+
+
+def _worth_parallel(sources: Sequence[Source], parallel_bytes: int) -> bool:
+    """Tell whether the sources are big enough to be worth a process each (small ones: starting it costs more)."""
+    # a server's size is unknown, and its network waits overlap as well
+    return any(s.directory.kind == "ldap" for s in sources) or sum(map(_size, sources)) >= parallel_bytes
+
+
+def _read_into(source: Source, store: Store) -> tuple[SourceRead, str]:
+    """Read one source into the store; return the read and its digest."""
+    read = read_source(source)
+    rows = RecordRows(read.records)  # encoded once, for the store and the digest
+    store.save_source_records(source.name, rows, rows.hexdigest)
+    return read, rows.hexdigest()
+
+
+def _read_in_worker(source: Source, state_file: Path) -> tuple[SourceRead, str]:
+    """_read_into in a worker process, with a connection of its own to the state file."""
+    with collector_paused(), open_store(state_file) as store:
+        return _read_into(source, store)
+
+
+def _read_in_workers(sources: Sequence[Source], state_file: Path, workers: int) -> dict[str, tuple[SourceRead, str]]:
+    """Read the sources in worker processes; each stores its own records (SQLite serialises the writes)."""
+    # spawn, not fork: a forked child would inherit the parent's open SQLite connection, and SQLite forbids
+    # using its locks' state across fork(). Not forkserver either: its server would stay, holding memory,
+    # until the plan ends.
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        # the biggest first: the last source to finish sets the time
+        futures = {source.name: pool.submit(_read_in_worker, source, state_file)
+                   for source in sorted(sources, key=_size, reverse=True)}
+        try:
+            return {name: future.result() for name, future in futures.items()}
+        except BaseException:
+            for future in futures.values():
+                future.cancel()
+            raise
+
+
+def _size(source: Source) -> int:
+    """The bytes of a source's files (0 for LDAP)."""
+    total = 0
+    for path in (source.directory.path, source.directory.hr_csv):
+        with contextlib.suppress(OSError):
+            total += path.stat().st_size if path is not None else 0
+    return total
 
 
 def inputs_digest(config: Config, source_digests: dict[str, str]) -> str:
