@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,6 +54,7 @@ from mailmerge_gov.store import open_store  # noqa: E402
 EXAMPLE_CONFIG = ROOT / "examples" / "hcm-merger" / "consolidation.toml"
 PROJECT_SCHEMA = ROOT / "directory" / "mailmerge-gov.schema"
 PLAN_SECONDS = 20.0
+PLAN_RUNS = 3
 PLAN_BYTES = 1_000_000_000  # 1 GB
 APPLY_RATIO = 1.0  # apply entries/s over ldapadd entries/s
 # 100,000 officials take some 400 MB in an mdb database with the tests' indexes; maxsize only reserves
@@ -227,18 +229,28 @@ def benchmark(folder: Path, scale: int, seed: int) -> list[Row]:
 
         plan = run_child([python, "-m", "mailmerge_gov", "directory", "plan", "-c", str(config)], folder, "plan")
         print(plan.output.strip().splitlines()[0], flush=True)
+        # A run's time moves by a tenth or more with whatever else the machine does: the same plan, from scratch,
+        # PLAN_RUNS times in all, and the median is what is held against the target.
+        plans = [plan] + [
+            run_child([python, "-m", "mailmerge_gov", "directory", "plan", "-c",
+                       str(write_config(folder / f"consolidation-{run}.toml", target, f"state-{run}/bench.sqlite"))],
+                      folder, f"plan-{run}")
+            for run in range(2, PLAN_RUNS + 1)]
+        seconds = statistics.median(p.seconds for p in plans)
+        tree_rss = max(p.tree_rss for p in plans)
         # the same plan again, from scratch, into a state file of its own (tracemalloc slows it down 2 to 3 times)
         traced_config = write_config(folder / "consolidation-traced.toml", target, "state-traced/bench.sqlite")
         heap_file = folder / "plan-heap.json"
         traced = run_child([python, "-c", TRACED_PLAN, str(traced_config), str(heap_file)], folder, "plan-traced")
         heap = json.loads(heap_file.read_text())
         rows += [
-            Row("plan: wall time", f"{plan.seconds:,.1f} s", target=f"<= {PLAN_SECONDS:.0f} s",
-                verdict=verdict(plan.seconds <= PLAN_SECONDS)),
-            Row("plan: peak RSS of the process tree (sampled sum)", megabytes(plan.tree_rss),
-                target=f"<= {megabytes(PLAN_BYTES)}", verdict=verdict(plan.tree_rss <= PLAN_BYTES)),
-            Row("     largest single process (wait4)", megabytes(plan.max_rss)),
-            Row("plan: peak Python heap (tracemalloc)", megabytes(heap), target=f"<= {megabytes(PLAN_BYTES)}",
+            Row(f"plan: wall time, median of {len(plans)}", f"{seconds:,.1f} s", target=f"<= {PLAN_SECONDS:.0f} s",
+                verdict=verdict(seconds <= PLAN_SECONDS)),
+            Row("     each run", ", ".join(f"{p.seconds:,.1f}" for p in plans) + " s"),
+            Row("plan: peak RSS of the process tree (sampled sum)", megabytes(tree_rss),
+                target=f"<= {megabytes(PLAN_BYTES)}", verdict=verdict(tree_rss <= PLAN_BYTES)),
+            Row("     largest single process (wait4)", megabytes(max(p.max_rss for p in plans))),
+            Row("plan: peak Python heap, plan process (tracemalloc)", megabytes(heap), target=f"<= {megabytes(PLAN_BYTES)}",
                 verdict=verdict(heap <= PLAN_BYTES)),
             Row("     (the tracemalloc run's wall time)", f"{traced.seconds:,.1f} s"),
         ]
