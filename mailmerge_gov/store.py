@@ -179,6 +179,11 @@ def _create_mailbox_migration(db: sqlite3.Connection) -> None:
         db.execute(statement)
 
 
+def _add_mailbox_sync_states(db: sqlite3.Connection) -> None:
+    """Version 7: a folder's server-side sync state (EWS SyncFolderItems), where its next delta pass starts."""
+    db.execute("ALTER TABLE mailbox_folders ADD COLUMN sync_state TEXT")
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "audit log", _create_audit_log),
     Migration(2, "directory plan", _create_directory_plan),
@@ -186,6 +191,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "identity keys", _create_identity_keys),
     Migration(5, "record lines", _add_record_lines),
     Migration(6, "mailbox migration", _create_mailbox_migration),
+    Migration(7, "mailbox sync states", _add_mailbox_sync_states),
 )
 
 
@@ -634,8 +640,9 @@ class Store:
     def folder_checkpoint(self, source: str, mailbox: str, folder: str) -> FolderCheckpoint | None:
         """Return where the copy of a source folder stands, or None before its first copy."""
         row = self.db.execute(
-            "SELECT source, mailbox, folder, target_mailbox, target_folder, uidvalidity, last_uid, highestmodseq"
-            " FROM mailbox_folders WHERE source = ? AND mailbox = ? AND folder = ?", (source, mailbox, folder)).fetchone()
+            "SELECT source, mailbox, folder, target_mailbox, target_folder, uidvalidity, last_uid, highestmodseq,"
+            " sync_state FROM mailbox_folders WHERE source = ? AND mailbox = ? AND folder = ?",
+            (source, mailbox, folder)).fetchone()
         return FolderCheckpoint(*row) if row else None
 
     def save_checkpoint(self, checkpoint: FolderCheckpoint) -> None:
@@ -644,13 +651,13 @@ class Store:
         with self._transaction():
             self.db.execute(
                 "INSERT INTO mailbox_folders (source, mailbox, folder, target_mailbox, target_folder, uidvalidity,"
-                " last_uid, highestmodseq, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " last_uid, highestmodseq, sync_state, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (source, mailbox, folder) DO UPDATE SET target_mailbox = excluded.target_mailbox,"
                 " target_folder = excluded.target_folder, uidvalidity = excluded.uidvalidity,"
                 " last_uid = excluded.last_uid, highestmodseq = excluded.highestmodseq,"
-                " updated_at = excluded.updated_at",
+                " sync_state = excluded.sync_state, updated_at = excluded.updated_at",
                 (c.source, c.mailbox, c.folder, c.target_mailbox, c.target_folder, c.uidvalidity, c.last_uid,
-                 c.highestmodseq, _now()))
+                 c.highestmodseq, c.sync_state, _now()))
 
     def record_messages(self, rows: Sequence[MessageEvidence]) -> None:
         """Write evidence rows (new or replacing the row of the same source message) in one transaction."""
@@ -761,6 +768,7 @@ class FolderCheckpoint:
     uidvalidity: int
     last_uid: int
     highestmodseq: int | None
+    sync_state: str | None = None  # EWS SyncFolderItems state after the last complete pass: the next asks from here
 
 
 @dataclass(frozen=True)

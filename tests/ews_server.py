@@ -5,16 +5,31 @@ GetFolder (folder ids and distinguished folder ids, with a mailbox), FindFolder 
 IndexedPageFolderView paging), CreateFolder, FindItem (IndexedPageItemView paging, SortOrder on
 DateTimeReceived), GetItem (MimeContent and item properties, extended properties by tag), CreateItem from
 MimeContent (SaveOnly; PR_MESSAGE_FLAGS 0x0E07 decides draft and read, PR_MESSAGE_DELIVERY_TIME 0x0E06 the
-received time), UpdateItem (set and delete fields and extended properties) and DeleteItem. Anything else is a
-SOAP fault that names the operation, so that a flow sending something new fails loudly instead of silently.
+received time), UpdateItem (set and delete fields and extended properties), DeleteItem and SyncFolderItems
+(Create, Update, Delete and ReadFlagChange since a sync state, MaxChangesReturned paging with
+IncludesLastItemInRange; a state it did not make, of another folder, or made before `expire_sync_states()` is
+ErrorInvalidSyncStateData). Anything else is a SOAP fault that names the operation, so that a flow sending
+something new fails loudly instead of silently.
 
-Logins are HTTP Basic against a user table. A user reaches its own mailbox, a mailbox it has been granted
+Calendar items, contacts and tasks (`put_event`, `put_contact`, `put_task`) are stored as properties and
+answered as t:CalendarItem, t:Contact and t:Task; like Exchange, the server writes the MIME content of a calendar
+item as iCalendar and of a contact as a vCard from those properties; it gives none for a task (the export
+reads a task's properties).
+
+Logins are HTTP Basic (or NTLM, see below) against a user table. A user reaches its own mailbox, a mailbox it has been granted
 (delegate access: the folder ids of requests name the mailbox), or any mailbox through the ExchangeImpersonation
 header when it holds the impersonation right. `busy(n, back_off_ms)` makes the next n requests fail with
 ErrorServerBusy and a BackOffMilliseconds hint, the way Exchange throttles.
 
-Unlike Exchange, the server keeps the MIME content of an item byte for byte (Exchange re-generates MIME from its
-own properties): the tests can then check that a message went through unchanged.
+By default, unlike Exchange, the server keeps the MIME content of a created message byte for byte: the tests can
+then check that a message went through unchanged. With `rewrite_mime = True` it rewrites what CreateItem stores
+the way Exchange does: headers added (X-MS-Has-Attach, X-MS-TNEF-Correlator, Content-Language) and reordered,
+text re-encoded (quoted-printable, or base64 for a message that is mostly not ASCII), headers folded at 76
+characters, CRLF line ends.
+
+With `ntlm = True` logins are NTLM instead of Basic (the server answers 401 with "WWW-Authenticate: NTLM" and checks
+the client's NTLM messages with pyspnego's NTLM acceptor, against the user table; one handshake per HTTP
+connection, as IIS does).
 
 Folders and items live on disk in a temporary folder: a JSON file per mailbox, one .eml file per item. Ids are
 base64 of a counter and the mailbox, so that a scenario run twice gives the same ids (see `capture`).
@@ -26,10 +41,12 @@ import base64
 import binascii
 import datetime as dt
 import json
+import os
 import shutil
 import ssl
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -72,8 +89,11 @@ DEFAULT_FOLDERS: tuple[tuple[str, str, str | None, str | None], ...] = (
 _FOLDER_ELEMENTS = {"IPF.Appointment": "CalendarFolder", "IPF.Contact": "ContactsFolder", "IPF.Task": "TasksFolder"}
 _FOLDER_PROPERTIES = ("folder:ParentFolderId", "folder:FolderClass", "folder:DisplayName", "folder:TotalCount",
                       "folder:ChildFolderCount", "folder:UnreadCount")
-_ITEM_PROPERTIES = ("item:MimeContent", "item:ParentFolderId", "item:ItemClass", "item:DateTimeReceived",
-                    "item:Size", "item:Categories", "item:IsDraft", "message:IsRead")
+# Task properties in the schema's order (t:TaskType), as the field URIs name them.
+_TASK_FIELDS = ("CompleteDate", "DueDate", "PercentComplete", "StartDate", "Status")
+_ITEM_PROPERTIES = ("item:MimeContent", "item:ParentFolderId", "item:ItemClass", "item:Subject", "item:Body",
+                    "item:DateTimeReceived", "item:Size", "item:Categories", "item:Importance", "item:IsDraft",
+                    "item:DateTimeCreated", "message:IsRead") + tuple(f"task:{n}" for n in _TASK_FIELDS)
 
 
 class Fault(Exception):
@@ -121,6 +141,7 @@ class StoredItem:
     item_class: str = "IPM.Note"
     size: int = 0
     changes: int = 1
+    properties: dict[str, str] = field(default_factory=dict)  # of a calendar item, contact or task: "Subject" -> text
 
 
 @dataclass
@@ -135,11 +156,14 @@ class EwsServer:
     """The test EWS server: one temporary folder, one listening thread; start() ... stop()."""
 
     def __init__(self, root: Path | None = None, max_message_size: int | None = None,
-                 tls: tuple[Path, Path] | None = None) -> None:
+                 tls: tuple[Path, Path] | None = None, ntlm: bool = False) -> None:
         """Describe the server; nothing listens until start(). max_message_size: larger MIME content is refused
-        with ErrorMessageSizeExceeded; tls: (certificate, key) files to answer HTTPS instead of HTTP."""
+        with ErrorMessageSizeExceeded; tls: (certificate, key) files to answer HTTPS instead of HTTP; ntlm: log
+        in with NTLM instead of Basic."""
         self.dir = Path(root) if root is not None else Path()
         self.tls = tls
+        self.ntlm = ntlm
+        self._ntlm_env: str | None = None
         self.require_changekey = False  # UpdateItem without a ChangeKey: ErrorChangeKeyRequiredForWriteOperations
         self._own_dir = root is None
         self.users: dict[str, User] = {}
@@ -152,6 +176,14 @@ class EwsServer:
         self.requests: list[tuple[str, str | None, str | None]] = []  # (operation, login, acting mailbox)
         self.auth_schemes: list[str] = []  # the scheme of each request's Authorization header ("" when none)
         self.busy_answers = 0  # ErrorServerBusy faults sent
+        self.rewrite_mime = False  # store created messages' MIME rewritten, as Exchange does
+        self.changes_log: list[tuple[int, str, str, str]] = []  # (sequence, folder id, item id, create/update/read/delete)
+        self._sequence = 0
+        self.delay = 0.0  # seconds each answer waits: requests overlap, so that a connection cap shows
+        self.in_flight = 0  # requests being answered now, and the most there were at once
+        self.peak_in_flight = 0
+        self.sync_states_given: list[bool] = []  # per SyncFolderItems request: whether it carried a SyncState
+        self._sync_generation = 1  # part of every sync state: expire_sync_states() makes the earlier ones invalid
         self.capture_to: Path | None = None  # every request and answer is written here, numbered
         self._captured = 0
         self._busy_left = 0
@@ -188,6 +220,12 @@ class EwsServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
                                         name="ews-server", daemon=True)
         self._thread.start()
+        if self.ntlm:
+            # pyspnego's NTLM acceptor reads the accounts it checks from the file NTLM_USER_FILE names (the
+            # variable is the process's: one NTLM server at a time)
+            self._ntlm_env = os.environ.get("NTLM_USER_FILE")
+            os.environ["NTLM_USER_FILE"] = str(self.dir / "ntlm-users")
+            self._write_ntlm_users()
         return self
 
     def stop(self) -> None:
@@ -196,6 +234,11 @@ class EwsServer:
             self._httpd.shutdown()
             self._httpd.server_close()
             self._httpd = None
+        if self.ntlm:
+            if self._ntlm_env is None:
+                os.environ.pop("NTLM_USER_FILE", None)
+            else:
+                os.environ["NTLM_USER_FILE"] = self._ntlm_env
         if self._own_dir and self.dir.exists():
             shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -205,6 +248,18 @@ class EwsServer:
         """Add a login; a user named like a mailbox owns it."""
         with self._lock:
             self.users[name.lower()] = User(password, impersonation)
+            if self.ntlm and self._httpd is not None:
+                self._write_ntlm_users()
+
+    def _write_ntlm_users(self) -> None:
+        """The user table in the Heimdal format pyspnego reads: ":user@domain:password" (no domain: a UPN)."""
+        with self._lock:
+            lines = []
+            for name, user in self.users.items():
+                if ":" in name + user.password:
+                    raise ValueError(f"an NTLM test user's name or password has a colon: {name}")
+                lines.append(f":{name}:{user.password}\n")
+        (self.dir / "ntlm-users").write_text("".join(lines), encoding="utf-8")
 
     def add_mailbox(self, address: str, password: str | None = None, names: dict[str, str] | None = None) -> None:
         """Create a mailbox with the default folders (names: display names by distinguished id, e.g. Vietnamese);
@@ -291,6 +346,62 @@ class EwsServer:
                 out[self._path(folder)] = sorted(rows)
         return out
 
+    def put_event(self, mailbox: str, path: str, subject: str, start: dt.datetime, end: dt.datetime,
+                  location: str = "", body: str = "", created: dt.datetime | None = None) -> str:
+        """Store a calendar item (an appointment) in a calendar folder; return its item id."""
+        properties = {"Subject": subject, "Start": _ews_time(start), "End": _ews_time(end), "Location": location,
+                      "Body": body}
+        return self._put_properties(mailbox, path, "IPM.Appointment", properties, created)
+
+    def put_contact(self, mailbox: str, path: str, given: str, middle: str, surname: str, email: str,
+                    phone: str = "", company: str = "", title: str = "", created: dt.datetime | None = None) -> str:
+        """Store a contact in a contacts folder; return its item id."""
+        properties = {"GivenName": given, "MiddleName": middle, "Surname": surname, "EmailAddress": email,
+                      "BusinessPhone": phone, "CompanyName": company, "JobTitle": title,
+                      "Subject": " ".join(p for p in (surname, middle, given) if p)}
+        return self._put_properties(mailbox, path, "IPM.Contact", properties, created)
+
+    def put_task(self, mailbox: str, path: str, subject: str, status: str = "NotStarted", due: dt.date | None = None,
+                 percent: int = 0, body: str = "", importance: str = "Normal",
+                 created: dt.datetime | None = None) -> str:
+        """Store a task in a tasks folder; return its item id."""
+        properties = {"Subject": subject, "Status": status, "PercentComplete": str(percent), "Body": body,
+                      "Importance": importance}
+        if due is not None:
+            properties["DueDate"] = f"{due.isoformat()}T00:00:00Z"
+        return self._put_properties(mailbox, path, "IPM.Task", properties, created)
+
+    def _put_properties(self, mailbox: str, path: str, item_class: str, properties: dict[str, str],
+                        created: dt.datetime | None) -> str:
+        """Store an item that is not mail, created (and received) at `created` (now by default)."""
+        mailbox = mailbox.lower()
+        folder = self.folder_id(mailbox, path)
+        with self._lock:
+            item = self._store_item(mailbox, folder, b"", False, False,
+                                    _ews_time(created or dt.datetime.now(dt.timezone.utc)), [], {})
+            item.item_class, item.properties, item.size = item_class, properties, len(json.dumps(properties))
+            self._save(mailbox)
+            return item.id
+
+    def set_read(self, item_id: str, is_read: bool) -> None:
+        """Mark an item read or unread, as a user's mail client does."""
+        with self._lock:
+            item = self.items[item_id]
+            item.is_read = is_read
+            item.changes += 1
+            self._log(item.folder, item.id, "read")
+            self._save(item.mailbox)
+
+    def delete(self, item_id: str) -> None:
+        """Delete an item, as a user does."""
+        with self._lock:
+            _remove(self, self.items[item_id])
+
+    def expire_sync_states(self) -> None:
+        """Make every sync state given out so far invalid (as after a mailbox move or a long pause)."""
+        with self._lock:
+            self._sync_generation += 1
+
     def item(self, item_id: str) -> StoredItem:
         """An item as stored."""
         with self._lock:
@@ -337,17 +448,25 @@ class EwsServer:
         item = StoredItem(item_id, mailbox, number, folder, is_read, draft, received, categories, extended,
                           size=len(raw))
         self.items[item_id] = item
+        self._log(folder, item_id, "create")
         self._save(mailbox)
         return item
 
+    def _log(self, folder: str, item_id: str, kind: str) -> None:
+        """Record a change of a folder's items, for SyncFolderItems."""
+        self._sequence += 1
+        self.changes_log.append((self._sequence, folder, item_id, kind))
+
     # ------------------------------------------------------------------------------------ the protocol
 
-    def handle(self, body: bytes, authorization: str | None) -> tuple[int, dict[str, str], bytes]:
-        """Answer one HTTP POST: (status, headers, body)."""
-        scheme = (authorization or "").split(" ", 1)[0]
+    def handle(self, body: bytes, authorization: str | None,
+               user: str | None = None) -> tuple[int, dict[str, str], bytes]:
+        """Answer one HTTP POST: (status, headers, body); user: the login its NTLM connection authenticated."""
+        scheme = "NTLM" if user is not None else (authorization or "").split(" ", 1)[0]
         with self._lock:
             self.auth_schemes.append(scheme)
-        user = self._login(authorization)
+        if user is None:
+            user = self._login(authorization)
         if user is None:
             return 401, {"WWW-Authenticate": 'Basic realm="ews-test"'}, b""
         operation = "?"
@@ -438,12 +557,33 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     disable_nagle_algorithm = True  # the answer goes out in two writes: no 40 ms delayed-ACK stall per request
     ews: EwsServer
+    ntlm_user: str | None = None  # the login this connection authenticated with NTLM
+    ntlm_context: Any = None  # the pyspnego acceptor of a handshake under way
 
     def do_POST(self) -> None:  # noqa: N802 - the name http.server calls
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length)
+        with self.ews._lock:
+            self.ews.in_flight += 1
+            self.ews.peak_in_flight = max(self.ews.peak_in_flight, self.ews.in_flight)
+        try:
+            self._answer(body)
+        finally:
+            with self.ews._lock:
+                self.ews.in_flight -= 1
+
+    def _answer(self, body: bytes) -> None:
+        """Answer one POST (after the server's delay, outside its lock)."""
+        if self.ews.delay:
+            time.sleep(self.ews.delay)
         if self.path.lower() != "/ews/exchange.asmx":
             status, headers, answer = 404, {"Content-Type": "text/plain"}, b"not found"
+        elif self.ews.ntlm:
+            challenge = self._ntlm(self.headers.get("Authorization"))
+            if challenge is not None:
+                status, headers, answer = 401, {"WWW-Authenticate": challenge}, b""
+            else:
+                status, headers, answer = self.ews.handle(body, None, user=self.ntlm_user)
         else:
             status, headers, answer = self.ews.handle(body, self.headers.get("Authorization"))
         self.send_response(status)
@@ -452,6 +592,30 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(answer)))
         self.end_headers()
         self.wfile.write(answer)
+
+    def _ntlm(self, authorization: str | None) -> str | None:
+        """One step of an NTLM handshake: the WWW-Authenticate value to answer 401 with, or None when this
+        connection is authenticated (IIS keeps an NTLM login for the connection)."""
+        import spnego
+        import spnego.exceptions
+
+        if authorization and authorization.startswith("NTLM "):
+            token = base64.b64decode(authorization[5:])
+            if token[8:9] == b"\x01" or self.ntlm_context is None:  # a NEGOTIATE message starts a handshake
+                self.ntlm_context, self.ntlm_user = spnego.server(protocol="ntlm"), None
+            try:
+                answer = self.ntlm_context.step(token)
+            except spnego.exceptions.SpnegoError:
+                self.ntlm_context = None  # a wrong password: refused, as Exchange answers a failed NTLM login
+                with self.ews._lock:
+                    self.ews.auth_schemes.append("NTLM")
+                return "NTLM"
+            if answer:
+                return "NTLM " + base64.b64encode(answer).decode()  # the CHALLENGE message
+            name = (self.ntlm_context.client_principal or "").split("\\")[-1].lower()
+            self.ntlm_context = None
+            self.ntlm_user = name if name in self.ews.users else None
+        return None if self.ntlm_user is not None else "NTLM"
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - http.server's signature
         """Stay quiet: the tests read server.requests instead."""
@@ -637,17 +801,29 @@ def _create_folder(server: EwsServer, request: etree._Element, context: _Context
     return messages
 
 
+# The element of an item by its class, as Exchange answers (t:Message for mail).
+_ITEM_ELEMENTS = {"IPM.Appointment": "CalendarItem", "IPM.Contact": "Contact", "IPM.Task": "Task"}
+
+
 def _item_xml(server: EwsServer, item: StoredItem, fields: set[str], extended: list[tuple[str, str]]) -> etree._Element:
-    """A t:Message element with the fields asked for, in the schema's order."""
-    elem = _t("Message")
+    """A t:Message (t:CalendarItem, t:Contact, t:Task) element with the fields asked for, in the schema's order."""
+    kind = _ITEM_ELEMENTS.get(item.item_class, "Message")
+    elem = _t(kind)
     if "item:MimeContent" in fields:
-        _t("MimeContent", elem, CharacterSet="UTF-8").text = base64.b64encode(server.mime(item.id)).decode()
+        mime = (_icalendar(item) if kind == "CalendarItem" else _vcard(item) if kind == "Contact"
+                else None if kind == "Task" else server.mime(item.id))
+        if mime is not None:
+            _t("MimeContent", elem, CharacterSet="UTF-8").text = base64.b64encode(mime).decode()
     _t("ItemId", elem, Id=item.id, ChangeKey=_changekey("I", item.changes))
     folder = server.folders[item.folder]
     if "item:ParentFolderId" in fields:
         _t("ParentFolderId", elem, Id=folder.id, ChangeKey=_changekey("F", folder.changes))
     if "item:ItemClass" in fields:
         _t("ItemClass", elem).text = item.item_class
+    if "item:Subject" in fields and "Subject" in item.properties:
+        _t("Subject", elem).text = item.properties["Subject"]
+    if "item:Body" in fields and item.properties.get("Body"):
+        _t("Body", elem, BodyType="Text").text = item.properties["Body"]
     if "item:DateTimeReceived" in fields:
         _t("DateTimeReceived", elem).text = item.received
     if "item:Size" in fields:
@@ -656,17 +832,93 @@ def _item_xml(server: EwsServer, item: StoredItem, fields: set[str], extended: l
         categories = _t("Categories", elem)
         for category in item.categories:
             _t("String", categories).text = category
+    if "item:Importance" in fields and "Importance" in item.properties:
+        _t("Importance", elem).text = item.properties["Importance"]
     if "item:IsDraft" in fields:
         _t("IsDraft", elem).text = _bool(item.draft)
-    for tag, kind in extended:
-        value = _extended_value(item, tag, kind)
+    if "item:DateTimeCreated" in fields:
+        _t("DateTimeCreated", elem).text = item.received
+    for tag, kind_ in extended:
+        value = _extended_value(item, tag, kind_)
         if value is not None:
             prop = _t("ExtendedProperty", elem)
-            _t("ExtendedFieldURI", prop, PropertyTag=tag, PropertyType=kind)
+            _t("ExtendedFieldURI", prop, PropertyTag=tag, PropertyType=kind_)
             _t("Value", prop).text = value
-    if "message:IsRead" in fields:
+    if kind == "Task":
+        for name in _TASK_FIELDS:
+            if f"task:{name}" in fields and item.properties.get(name):
+                _t(name, elem).text = item.properties[name]
+    if kind == "Message" and "message:IsRead" in fields:
         _t("IsRead", elem).text = _bool(item.is_read)
     return elem
+
+
+def _icalendar(item: StoredItem) -> bytes:
+    """A calendar item's MIME content as Exchange writes it: iCalendar, times in the item's time zone."""
+    p = item.properties
+    ict = dt.timezone(dt.timedelta(hours=7))
+    local = [_parse_time(p[name]).astimezone(ict).strftime("%Y%m%dT%H%M%S") for name in ("Start", "End")]
+    lines = ["BEGIN:VCALENDAR", "METHOD:PUBLISH", "PRODID:Microsoft Exchange Server 2016", "VERSION:2.0",
+             "BEGIN:VTIMEZONE", "TZID:SE Asia Standard Time", "BEGIN:STANDARD", "DTSTART:16010101T000000",
+             "TZOFFSETFROM:+0700", "TZOFFSETTO:+0700", "END:STANDARD", "END:VTIMEZONE", "BEGIN:VEVENT",
+             f"DESCRIPTION;LANGUAGE=vi-VN:{_ical_text(p.get('Body', ''))}",
+             f"UID:{base64.b16encode(item.id.encode()).decode()}",
+             f"SUMMARY;LANGUAGE=vi-VN:{_ical_text(p['Subject'])}",
+             f"DTSTART;TZID=SE Asia Standard Time:{local[0]}", f"DTEND;TZID=SE Asia Standard Time:{local[1]}",
+             "CLASS:PUBLIC", "PRIORITY:5", f"DTSTAMP:{item.received.replace('-', '').replace(':', '')}",
+             "TRANSP:OPAQUE", "STATUS:CONFIRMED", "SEQUENCE:0", f"LOCATION;LANGUAGE=vi-VN:{_ical_text(p['Location'])}",
+             "X-MICROSOFT-CDO-BUSYSTATUS:BUSY", "END:VEVENT", "END:VCALENDAR"]
+    return "".join(_fold_line(line) for line in lines).encode()
+
+
+def _vcard(item: StoredItem) -> bytes:
+    """A contact's MIME content as Exchange writes it: a vCard 3.0."""
+    p = item.properties
+    full = " ".join(x for x in (p["Surname"], p["MiddleName"], p["GivenName"]) if x)
+    lines = ["BEGIN:VCARD", "VERSION:3.0", f"N:{p['Surname']};{p['GivenName']};{p['MiddleName']};;", f"FN:{full}",
+             f"ORG:{_ical_text(p['CompanyName'])};", f"TITLE:{_ical_text(p['JobTitle'])}",
+             f"TEL;TYPE=WORK:{p['BusinessPhone']}", f"EMAIL;TYPE=INTERNET:{p['EmailAddress']}", "END:VCARD"]
+    return "".join(_fold_line(line) for line in lines).encode()
+
+
+def _ical_text(value: str) -> str:
+    """An iCalendar / vCard TEXT value, escaped."""
+    return value.replace("\\", "\\\\").replace(";", "\\;").replace(",", "\\,").replace("\n", "\\n")
+
+
+def _fold_line(line: str) -> str:
+    """A content line folded every 73 characters, not octets: over 75 octets for Vietnamese text, as an export must
+    expect from a server (RFC 5545 only says SHOULD), CRLF."""
+    parts = [line[i:i + 73] for i in range(0, len(line), 73)] or [""]
+    return "\r\n ".join(parts) + "\r\n"
+
+
+def rewrite_like_exchange(raw: bytes) -> bytes:
+    """Rewrite a message the way Exchange does when it stores it: headers added and reordered, text re-encoded
+    (quoted-printable; base64 when most of it is not ASCII), headers folded at 76 characters, CRLF line ends."""
+    import email.parser
+    import email.policy
+
+    message = email.parser.BytesParser(policy=email.policy.default).parsebytes(raw)
+    for part in message.walk():
+        if part.is_multipart() or part.get_content_maintype() != "text":
+            continue
+        text = part.get_content()
+        wide = sum(ord(c) > 127 for c in text) * 3 > len(text)
+        part.set_content(text, subtype=part.get_content_subtype(), charset="utf-8",
+                         cte="base64" if wide else "quoted-printable")
+    order = ("From", "To", "Cc", "Subject", "Thread-Topic", "Date", "Message-ID", "In-Reply-To", "References")
+    headers = list(message.items())
+    for name in [n for n, _ in headers]:
+        del message[name]
+    first = sorted((h for h in headers if h[0] in order), key=lambda h: order.index(h[0]))
+    rest = [h for h in headers if h[0] not in order and h[0].lower() != "mime-version"]
+    for name, value in first + [("Accept-Language", "vi-VN, en-US"), ("Content-Language", "vi-VN"),
+                                ("X-MS-Has-Attach", ""), ("X-MS-TNEF-Correlator", "")] + rest:
+        # a raw 8-bit header is read as UTF-8 and written as RFC 2047 encoded words
+        message[name] = str(value).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    message["MIME-Version"] = "1.0"
+    return message.as_bytes(policy=email.policy.SMTP.clone(max_line_length=76))
 
 
 def _extended_value(item: StoredItem, tag: str, kind: str) -> str | None:
@@ -759,6 +1011,8 @@ def _create_item(server: EwsServer, request: etree._Element, context: _Context) 
                        else flags is not None and bool(int(flags) & MSGFLAG_READ))
             when = _ews_time(_parse_time(received)) if received else _ews_time(dt.datetime.now(dt.timezone.utc))
             categories = [c.text or "" for c in elem.iterfind(f"{{{T}}}Categories/{{{T}}}String")]
+            if server.rewrite_mime:
+                raw = rewrite_like_exchange(raw)
             item = server._store_item(folder.mailbox, folder.id, raw, is_read, draft, when, categories, extended)
         except Refused as refused:
             messages.append(_message("CreateItem", refused))
@@ -781,9 +1035,13 @@ def _update_item(server: EwsServer, request: etree._Element, context: _Context) 
             if server.require_changekey and id_elem.get("ChangeKey") is None:
                 raise Refused("ErrorChangeKeyRequiredForWriteOperations",
                               "ChangeKey is required if overriding conflict resolution.")
-            for update in change.iterfind(f"{{{T}}}Updates/*"):
+            updates = list(change.iterfind(f"{{{T}}}Updates/*"))
+            for update in updates:
                 _apply_update(item, update)
             item.changes += 1
+            read_only = all(u.find(f"{{{T}}}FieldURI") is not None
+                            and u.find(f"{{{T}}}FieldURI").get("FieldURI") == "message:IsRead" for u in updates)
+            server._log(item.folder, item.id, "read" if updates and read_only else "update")
             server._save(item.mailbox)
         except Refused as refused:
             messages.append(_message("UpdateItem", refused))
@@ -833,16 +1091,92 @@ def _delete_item(server: EwsServer, request: etree._Element, context: _Context) 
         except Refused as refused:
             messages.append(_message("DeleteItem", refused))
             continue
-        del server.items[item.id]
-        (server.dir / item.mailbox / "mime" / f"{item.number}.eml").unlink(missing_ok=True)
-        server._save(item.mailbox)
+        _remove(server, item)
         messages.append(_message("DeleteItem", None))
     return messages
+
+
+def _remove(server: EwsServer, item: StoredItem) -> None:
+    """Delete an item and its MIME content."""
+    del server.items[item.id]
+    (server.dir / item.mailbox / "mime" / f"{item.number}.eml").unlink(missing_ok=True)
+    server._log(item.folder, item.id, "delete")
+    server._save(item.mailbox)
+
+
+def _sync_folder_items(server: EwsServer, request: etree._Element, context: _Context) -> list[etree._Element]:
+    """SyncFolderItems: the changes of a folder since a sync state, each item once with its latest change."""
+    fields, extended = _wanted(request.find(f"{{{M}}}ItemShape"), ())
+    folder_elem = request.find(f"{{{M}}}SyncFolderId")
+    if folder_elem is None or len(folder_elem) == 0:
+        raise Fault("ErrorSchemaValidation", "SyncFolderItems needs a SyncFolderId.")
+    server.sync_states_given.append(bool(request.findtext(f"{{{M}}}SyncState")))
+    try:
+        folder = _folder_of(server, context, folder_elem[0])
+        since = _sync_position(server, request.findtext(f"{{{M}}}SyncState"), folder.id)
+    except Refused as refused:
+        # as Exchange answers a refused state (its SyncFolderItems reference shows it): an empty SyncState and
+        # IncludesLastItemInRange follow the error
+        message = _message("SyncFolderItems", refused)
+        _m("SyncState", message)
+        _m("IncludesLastItemInRange", message).text = "true"
+        return [message]
+    limit = int(request.findtext(f"{{{M}}}MaxChangesReturned") or 100)
+    events: dict[str, list[tuple[int, str]]] = {}
+    for sequence, folder_id, item_id, kind in server.changes_log:
+        if folder_id == folder.id and sequence > since:
+            events.setdefault(item_id, []).append((sequence, kind))
+    changes: list[tuple[int, str, str]] = []  # (last sequence, change, item id)
+    for item_id, happened in events.items():
+        kinds = {kind for _, kind in happened}
+        exists = item_id in server.items and server.items[item_id].folder == folder.id
+        if "create" in kinds:
+            change = "Create" if exists else None  # made and deleted since the state: nothing to say
+        elif "delete" in kinds or not exists:
+            change = "Delete"
+        else:
+            change = "ReadFlagChange" if kinds == {"read"} else "Update"
+        if change is not None:
+            changes.append((happened[-1][0], change, item_id))
+    changes.sort()
+    page, more = changes[:limit], len(changes) > limit
+    position = page[-1][0] if more else server._sequence
+    message = _m("SyncFolderItemsResponseMessage", ResponseClass="Success")
+    _m("ResponseCode", message).text = "NoError"
+    _m("SyncState", message).text = base64.b64encode(
+        f"S:{server._sync_generation}:{folder.id}:{position}".encode()).decode()
+    _m("IncludesLastItemInRange", message).text = _bool(not more)
+    container = _m("Changes", message)
+    for _, change, item_id in page:
+        elem = _t(change, container)
+        if change in ("Create", "Update"):
+            elem.append(_item_xml(server, server.items[item_id], fields, extended))
+        elif change == "Delete":
+            _t("ItemId", elem, Id=item_id)
+        else:
+            item = server.items[item_id]
+            _t("ItemId", elem, Id=item_id, ChangeKey=_changekey("I", item.changes))
+            _t("IsRead", elem).text = _bool(item.is_read)
+    return [message]
+
+
+def _sync_position(server: EwsServer, state: str | None, folder: str) -> int:
+    """The change sequence a sync state stands for; ErrorInvalidSyncStateData for a state not of this folder."""
+    if not state:
+        return 0
+    try:
+        kind, generation, folder_id, position = base64.b64decode(state, validate=True).decode().rsplit(":", 3)
+        if kind == "S" and int(generation) == server._sync_generation and folder_id == folder:
+            return int(position)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        pass
+    raise Refused("ErrorInvalidSyncStateData", "Synchronization state data is corrupt or otherwise invalid.")
 
 
 _OPERATIONS: dict[str, Callable[[EwsServer, etree._Element, _Context], list[etree._Element]]] = {
     "GetFolder": _get_folder, "FindFolder": _find_folder, "CreateFolder": _create_folder, "FindItem": _find_item,
     "GetItem": _get_item, "CreateItem": _create_item, "UpdateItem": _update_item, "DeleteItem": _delete_item,
+    "SyncFolderItems": _sync_folder_items,
 }
 
 

@@ -71,6 +71,11 @@ def folder_rules(config: Config, source: str) -> FolderRules:
                        prefix=mail.subtree if mail is not None else None)
 
 
+def exports_folder(config: Config, job: MailboxJob) -> Path:
+    """Where a job's calendar, contact and task folders are exported: beside the reports, per source and mailbox."""
+    return config.state_file.parent / "reports" / "exports" / job.source / job.mailbox
+
+
 def _server_key(server: MailServer) -> str:
     """Name a server for its connection cap: its URL, or the folder of a Maildir/mbox."""
     return server.url or str(server.path)
@@ -108,7 +113,8 @@ def run_jobs(config: Config, jobs: Sequence[MailboxJob], workers: int | None = N
             outcome = migrate_mailbox(job, store_opener(source, job.mailbox),
                                       store_opener(target, job.target_mailbox, create=not dry_run), store,
                                       folder_rules(config, job.source), dry_run=dry_run, progress=progress,
-                                      connections=connections)
+                                      connections=connections,
+                                      export_to=None if dry_run else exports_folder(config, job))
         if done is not None:
             done(outcome)
         return outcome

@@ -5,7 +5,8 @@ probe), by a service account through impersonation or delegate access, or by the
 password. Its mail folders are the folder tree under the message folder root ("Top of Information Store"):
 Inbox is INBOX, the levels are joined with "/", and the distinguished Sent Items, Drafts, Deleted Items and Junk
 Email folders carry their special use. Calendar, contact, task and note folders are listed as not selectable:
-the migration skips them.
+the migration copies no mail from them, and exports calendars, contacts and tasks to .ics / .vcf files
+(ews_export.py).
 
 A message's key is its EWS item id; its flags come from IsRead (\\Seen), the follow-up flag (PR_FLAG_STATUS,
 \\Flagged), the last verb executed (PR_LAST_VERB_EXECUTED: reply \\Answered, forward $Forwarded), IsDraft
@@ -13,7 +14,11 @@ A message's key is its EWS item id; its flags come from IsRead (\\Seen), the fol
 content with PR_MESSAGE_FLAGS (not a draft, read or unread) and PR_MESSAGE_DELIVERY_TIME (the received time).
 
 Exchange throttles with ErrorServerBusy and a back-off time: exchangelib waits and retries (FaultTolerance), for
-at most `max_backoff` seconds in total per request; the waits are counted per server and logged.
+at most `max_backoff` seconds in total per request; the waits are counted per store (the store whose request
+waited) and logged.
+
+A second pass asks SyncFolderItems for what changed since the sync state of the last complete pass (`changes`);
+a state the server refuses (ErrorInvalidSyncStateData: expired, or of another folder) gives a full listing.
 """
 
 from __future__ import annotations
@@ -25,8 +30,8 @@ import threading
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Sequence
-from urllib.parse import urlsplit
 
 import requests
 import requests.adapters
@@ -40,13 +45,19 @@ from exchangelib.folders import (DeletedItems, Drafts, Folder, FolderCollection,
 from exchangelib.folders.queryset import DEEP
 from exchangelib.items import HARD_DELETE, ID_ONLY, SAVE_ONLY, SEND_TO_NONE, Message as EwsMessage
 from exchangelib.properties import DistinguishedFolderId, FolderId, Mailbox
-from exchangelib.protocol import BaseProtocol, CachingProtocol, FaultTolerance, Protocol
+from exchangelib.protocol import BaseProtocol
 from exchangelib.restriction import Q
 from exchangelib.services import CreateFolder, CreateItem
 
 from mailmerge_gov.config import MailServer, SecretError, mailbox_password
+from mailmerge_gov.reportfiles import write_private_files
+from mailmerge_gov.migration.ews_export import SUFFIXES, export_folder, folder_kind
+from mailmerge_gov.migration.ews_session import (CaFileAdapter, Shared, Throttle, acting, origin_of,
+                                                refresh_ca_files, release, shared_logins, sharing)
 from mailmerge_gov.migration.protocol import (
     ConnectionLost,
+    ExportedFolder,
+    FolderDelta,
     FolderInfo,
     FolderStatus,
     LoginFailed,
@@ -68,6 +79,7 @@ FETCH_CHUNK = 20
 APPEND_CHUNK = 20
 APPEND_BYTES = 10 << 20
 FOLDER_PAGE = 500
+SYNC_PAGE = 512  # changes per SyncFolderItems request (the most EWS gives)
 
 # RequestServerVersion names (config.EWS_VERSIONS) and the builds exchangelib knows them by.
 BUILDS = {
@@ -147,81 +159,6 @@ _LISTED_FIELDS = ("is_read", "is_draft", "categories", "datetime_received", "dat
 
 # ----------------------------------------------------------------------------------------------- opening
 
-class _Throttle(FaultTolerance):
-    """exchangelib's retry policy, capped: one request waits at most max_wait seconds in all, and a 401 fails at
-    once (FaultTolerance would take it for throttling and retry a wrong password for max_wait)."""
-
-    def __init__(self, url: str, max_wait: float) -> None:
-        super().__init__(max_wait=max_wait)
-        self.url = url
-        self.waits = 0  # back-offs the server asked for, on every connection of this policy
-        self.seconds = 0.0
-        self._count_lock = threading.Lock()
-        self._streak = threading.local()  # seconds waited by this thread's current request
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state.pop("_count_lock", None)
-        state.pop("_streak", None)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._count_lock = threading.Lock()
-        self._streak = threading.local()
-
-    def raise_response_errors(self, response: requests.Response) -> None:
-        if response.status_code == 200:
-            self._streak.seconds = 0.0
-        if response.status_code == 401:
-            raise ews_errors.UnauthorizedError(f"the server refused the credentials (HTTP 401) for {response.url}")
-        super().raise_response_errors(response)
-
-    def back_off(self, seconds: float | None) -> None:
-        wait = self.DEFAULT_BACKOFF if seconds is None else seconds
-        waited = getattr(self._streak, "seconds", 0.0) + wait
-        if waited > self.max_wait:
-            self._streak.seconds = 0.0
-            raise ews_errors.RateLimitError(f"the server kept asking to back off for over {self.max_wait:g} s",
-                                            wait=wait)
-        self._streak.seconds = waited
-        with self._count_lock:
-            self.waits += 1
-            self.seconds += wait
-        log.warning("%s: backing off %.3g s: the server is busy or did not answer (back-off %d)", self.url, wait,
-                    self.waits)
-        super().back_off(wait)
-
-
-class _CaFileAdapter(requests.adapters.HTTPAdapter):
-    """Verify an EWS server's certificate against its configured ca_file (requests' own CAs otherwise)."""
-
-    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
-        ca_file = _CA_FILES.get(_origin(request.url or ""))
-        if ca_file is not None and kwargs.get("verify", True) is not False:  # True, or REQUESTS_CA_BUNDLE's path
-            kwargs["verify"] = ca_file
-        return super().send(request, *args, **kwargs)
-
-
-@dataclass
-class _Shared:
-    """What the stores of one server and one login share: exchangelib's Protocol (its connections) and the
-    retry policy, and how many stores use them."""
-
-    policy: _Throttle
-    users: int = 0
-
-
-_CA_FILES: dict[str, str] = {}
-_shared: dict[tuple[str, str], _Shared] = {}
-_sharing = threading.Lock()
-
-
-def _origin(url: str) -> str:
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}".lower()
-
-
 def open_ews(server: MailServer, mailbox: str) -> EwsStore:
     """Open one mailbox on an Exchange server the way the configuration says, and read its folder tree."""
     url = server.url or ""
@@ -252,15 +189,15 @@ def open_ews(server: MailServer, mailbox: str) -> EwsStore:
     secret: str | bytes = password.encode() if server.auth == "basic" and not password.isascii() else password
     credentials = Credentials(username, secret)
     key = (url, username.lower())
-    if server.ca_file is not None:
-        _CA_FILES[_origin(url)] = str(server.ca_file)
-        if BaseProtocol.HTTP_ADAPTER_CLS is requests.adapters.HTTPAdapter:
-            BaseProtocol.HTTP_ADAPTER_CLS = _CaFileAdapter
-    with _sharing:
-        shared = _shared.get(key)
+    if server.ca_file is not None and BaseProtocol.HTTP_ADAPTER_CLS is requests.adapters.HTTPAdapter:
+        BaseProtocol.HTTP_ADAPTER_CLS = CaFileAdapter  # once, and never over another program's own adapter
+    with sharing:
+        shared = shared_logins.get(key)
         if shared is None:
-            shared = _shared[key] = _Shared(_Throttle(url, server.max_backoff))
+            shared = shared_logins[key] = Shared(Throttle(url, server.max_backoff))
         shared.policy.max_wait = server.max_backoff
+        shared.ca_file = str(server.ca_file) if server.ca_file is not None else None
+        refresh_ca_files(origin_of(url))
         config = Configuration(service_endpoint=url, credentials=credentials,
                                auth_type=NTLM if server.auth == "ntlm" else BASIC,
                                version=Version(build=BUILDS[server.version]), retry_policy=shared.policy,
@@ -270,7 +207,7 @@ def open_ews(server: MailServer, mailbox: str) -> EwsStore:
             account = Account(primary_smtp_address=mailbox, config=config, autodiscover=False, access_type=access,
                               default_timezone=UTC)
         except (ValueError, ews_errors.EWSError) as exc:
-            _release(key, None)
+            release(key, None)
             raise MailboxError(f"{url}: cannot open {mailbox}: {exc}") from exc
         account.protocol.TIMEOUT = server.timeout  # an instance attribute: this protocol's requests only
     store = EwsStore(account, url, mailbox, how, key)
@@ -282,26 +219,6 @@ def open_ews(server: MailServer, mailbox: str) -> EwsStore:
     return store
 
 
-def _release(key: tuple[str, str], account: Account | None) -> None:
-    """A store is done with its server: the last one closes the connections and forgets the protocol."""
-    with _sharing:
-        shared = _shared.get(key)
-        if shared is None:
-            return
-        shared.users -= 1
-        if shared.users > 0:
-            return
-        del _shared[key]
-        if account is None:
-            return
-        protocol = account.protocol
-        with CachingProtocol._protocol_cache_lock:
-            cached = CachingProtocol._protocol_cache.get(CachingProtocol._cache_key(protocol.config))
-            if cached is not None and cached[0] is protocol:
-                del Protocol[protocol.config]
-        protocol.close()
-
-
 # --------------------------------------------------------------------------------------------- the store
 
 @dataclass(frozen=True)
@@ -310,6 +227,7 @@ class _Node:
 
     id: str
     info: FolderInfo
+    folder_class: str | None = None
 
 
 class _MimeCreateItem(CreateItem):
@@ -330,6 +248,9 @@ class _MimeCreateItem(CreateItem):
 class EwsStore:
     """One mailbox on an Exchange server, as the migration reads and writes it."""
 
+    # Exchange keeps properties and writes MIME anew: a copy's bytes differ, verify matches by fingerprint
+    rewrites_mime = True
+
     def __init__(self, account: Account, url: str, mailbox: str, how: str, key: tuple[str, str]) -> None:
         """Take over an exchangelib Account (no request is made here)."""
         self._account: Account | None = account
@@ -337,9 +258,8 @@ class EwsStore:
         self.mailbox = mailbox
         self.how = how  # who opens the mailbox, for messages: "svc@hcm.gov.vn by impersonation"
         self._key = key
-        self._policy = _shared[key].policy
-        self._waits_before = self._policy.waits
-        self._seconds_before = self._policy.seconds
+        self._waits = 0  # back-offs this store's requests were asked for, and their seconds
+        self._wait_seconds = 0.0
         self._root = Root(account=account, _distinguished_id=DistinguishedFolderId(
             id=Root.DISTINGUISHED_FOLDER_ID, mailbox=Mailbox(email_address=mailbox)))
         self._lock = threading.RLock()
@@ -362,9 +282,15 @@ class EwsStore:
 
     @property
     def throttled(self) -> tuple[int, float]:
-        """Back-offs the server asked for since this store opened, and their seconds (on every connection to
-        the server with this login: the stores of a server share them)."""
-        return self._policy.waits - self._waits_before, self._policy.seconds - self._seconds_before
+        """Back-offs the server asked this store's requests for since it opened, and their seconds."""
+        with self._lock:
+            return self._waits, self._wait_seconds
+
+    def note_back_off(self, seconds: float) -> None:
+        """Count one back-off of a request of this store."""
+        with self._lock:
+            self._waits += 1
+            self._wait_seconds += seconds
 
     def folders(self) -> list[FolderInfo]:
         """List the mail folders under the message folder root, INBOX first; other folders as not selectable."""
@@ -515,6 +441,65 @@ class EwsStore:
                 raise self._mapped(failed, f"set the flags of item {key}", folder)
             return
 
+    def changes(self, folder: str, state: str | None) -> FolderDelta:
+        """What SyncFolderItems says was created, changed (read state included) and deleted since a sync state;
+        every item of the folder (full) without a state or when the server refuses it."""
+        node = self._node(folder)
+        with self._errors("list the changes", folder):
+            account, target = self._live(), self._folder(node.id)
+            try:
+                changed, deleted, new_state = self._sync(target, state)
+                full = state is None
+            except ews_errors.ErrorInvalidSyncStateData as exc:
+                log.warning("%s mailbox %s, folder %r: the sync state was refused (%s): listing the folder in full",
+                            self.url, self.mailbox, folder, _words(exc))
+                changed, deleted, new_state = self._sync(target, None)
+                full = True
+            infos = []
+            for item in account.fetch(ids=[(key, None) for key in changed], folder=target, only_fields=_LISTED_FIELDS,
+                                      chunk_size=GET_CHUNK):
+                if isinstance(item, ews_errors.ErrorItemNotFound):
+                    continue  # changed, then deleted before it was read
+                if isinstance(item, Exception):
+                    raise self._mapped(item, "list the changes", folder)
+                infos.append(_info(item, None))
+        infos.sort(key=lambda info: info.internal_date)  # oldest first, as list_messages
+        return FolderDelta(tuple(infos), tuple(deleted), new_state, full)
+
+    def _sync(self, target: Folder, state: str | None) -> tuple[list[str], list[str], str]:
+        """Page through SyncFolderItems from a state: (created or changed ids, deleted ids, the new state)."""
+        changed: dict[str, None] = {}
+        deleted: list[str] = []
+        target.item_sync_state = None
+        for change, item in target.sync_items(sync_state=state, only_fields=(), max_changes_returned=SYNC_PAGE):
+            if change == "delete":
+                changed.pop(item.id, None)
+                deleted.append(item.id)
+            elif change == "read_flag_change":
+                changed[item[0].id] = None  # (ItemId, IsRead): the item is read again, with its other flags
+            else:
+                changed[item.id] = None
+        if not target.item_sync_state:
+            raise MailboxError(self._where("the server gave no sync state"))
+        return list(changed), deleted, target.item_sync_state
+
+    def export_not_mail(self, destination: Path) -> list[ExportedFolder]:
+        """Write each calendar (.ics), contact (.vcf) and task (.ics, VTODO) folder into destination."""
+        with self._errors("list folders"):
+            nodes = self._load()
+        exported = []
+        for path, node in nodes.items():
+            kind = folder_kind(node.folder_class)
+            if kind is None:
+                continue
+            with self._errors(f"export the {kind}", path):
+                result = export_folder(self._live(), self._folder(node.id), kind, path)
+            name = path.replace(SEPARATOR, " - ") + SUFFIXES[kind]
+            file = destination / name
+            write_private_files(destination, [(file, result.text)])
+            exported.append(ExportedFolder(path, kind, file, result.items, result.failed))
+        return exported
+
     def changed_since(self, folder: str, modseq: int) -> dict[str, tuple[str, ...]]:
         """Exchange has no mod-sequences the migration can use: {}."""
         return {}
@@ -532,7 +517,7 @@ class EwsStore:
             if waits:
                 log.warning("%s mailbox %s: the server asked to back off %d times (%.1f s) while it was open",
                             self.url, self.mailbox, waits, seconds)
-            _release(self._key, account)
+            release(self._key, account)
 
     # ------------------------------------------------------------------------------------------ helpers
 
@@ -611,7 +596,7 @@ class EwsStore:
                 path = f"{path} (2)"
             selectable = folder_id == inbox or _is_mail(tree[folder_id][2])
             use = special.get(folder_id) if selectable else None
-            nodes[path] = _Node(folder_id, FolderInfo(path, SEPARATOR, use, selectable))
+            nodes[path] = _Node(folder_id, FolderInfo(path, SEPARATOR, use, selectable), tree[folder_id][2])
         if inbox is not None and "INBOX" not in nodes:
             nodes["INBOX"] = _Node(inbox, FolderInfo("INBOX", SEPARATOR))
         ordered = dict(sorted(nodes.items(), key=lambda pair: (pair[0] != "INBOX", pair[0])))
@@ -621,13 +606,17 @@ class EwsStore:
 
     @contextmanager
     def _errors(self, doing: str, folder: str | None = None) -> Iterator[None]:
-        """Turn exchangelib and requests errors into the protocol's exceptions."""
+        """Turn exchangelib and requests errors into the protocol's exceptions; count back-offs to this store."""
+        before = getattr(acting, "store", None)
+        acting.store = self
         try:
             yield
         except MailboxError:
             raise
         except (ews_errors.EWSError, requests.RequestException, OSError) as exc:
             raise self._mapped(exc, doing, folder) from exc
+        finally:
+            acting.store = before
 
     def _mapped(self, exc: BaseException, doing: str, folder: str | None = None) -> MailboxError:
         """The protocol's exception for an exchangelib error."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 from dataclasses import dataclass
-from typing import Iterator, Protocol, Sequence
+from pathlib import Path
+from typing import Iterator, Protocol, Sequence, runtime_checkable
 
 # RFC 6154 special-use attributes the migration maps between stores, in the order it prefers them.
 SPECIAL_USES = ("\\Sent", "\\Drafts", "\\Trash", "\\Junk", "\\Archive")
@@ -105,3 +106,49 @@ class MailStore(Protocol):
 
     def close(self) -> None:
         """Log out and release the connection or files."""
+
+
+@dataclass(frozen=True)
+class FolderDelta:
+    """What changed in a folder since a server-side sync state (EWS SyncFolderItems)."""
+
+    messages: tuple[MessageInfo, ...]  # created and changed messages; every message when full
+    deleted: tuple[str, ...]  # keys of messages gone from the folder
+    state: str  # the sync state the next pass asks from
+    full: bool  # True: listed from the beginning (no state given, or the server refused it as invalid or expired)
+
+
+@runtime_checkable
+class SyncsChanges(Protocol):
+    """A store that can say what changed in a folder since a sync state: the engine then lists only that."""
+
+    def changes(self, folder: str, state: str | None) -> FolderDelta:
+        """Return the changes since a state (every message, full=True, without one or when it is refused)."""
+
+
+@dataclass(frozen=True)
+class ExportedFolder:
+    """A folder that holds no mail (calendar, contacts, tasks), written to a file an administrator can import."""
+
+    folder: str
+    kind: str  # "calendar", "contacts" or "tasks"
+    path: Path
+    items: int
+    failed: int = 0  # items the server could not give; named in the log
+
+
+@runtime_checkable
+class ExportsNotMail(Protocol):
+    """A store whose calendar, contact and task folders can be written to .ics / .vcf files."""
+
+    def export_not_mail(self, destination: Path) -> list[ExportedFolder]:
+        """Write every calendar, contact and task folder into a file under destination; return them."""
+
+
+@dataclass(frozen=True)
+class ServerWaits:
+    """How often, and for how many seconds in all, a server asked to back off (throttling) during a run."""
+
+    server: str
+    waits: int
+    seconds: float

@@ -10,11 +10,14 @@ import time
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from mailmerge_gov.migration.compare import Fingerprint, fingerprint
 from mailmerge_gov.migration.folders import FolderMapping, FolderRules, map_folders
-from mailmerge_gov.migration.protocol import (ConnectionLost, FolderStatus, MailboxError, MailStore, Message,
-                                              MessageInfo, MessageRefused)
+from mailmerge_gov.migration.protocol import (ConnectionLost, ExportedFolder, ExportsNotMail, FolderStatus,
+                                              MailboxError, MailStore, Message, MessageInfo, MessageRefused,
+                                              ServerWaits, SyncsChanges)
 from mailmerge_gov.store import FolderCheckpoint, MailboxResult, MessageEvidence, Store, open_store
 
 # Messages per FETCH and APPEND round; a batch is also what a kill -9 can leave half done.
@@ -22,6 +25,8 @@ BATCH_MESSAGES = 200
 BATCH_BYTES = 20 << 20
 # A dropped connection is retried this many times per folder, after these pauses (seconds).
 RETRY_PAUSES = (0.5, 2.0, 5.0)
+# What verify and the recovery of an interrupted batch say of a message found by its fingerprint, not its bytes.
+ALTERED = "altered by the server"
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,8 @@ class MailboxOutcome:
     error: str | None
     folders: tuple[FolderOutcome, ...]
     seconds: float
+    exports: tuple[ExportedFolder, ...] = ()  # calendar, contact and task folders written to files
+    throttled: tuple[ServerWaits, ...] = ()  # back-offs servers asked for while this mailbox was copied
 
     @property
     def copied(self) -> int:
@@ -76,6 +83,30 @@ class MailboxOutcome:
 Progress = Callable[[MailboxJob, str, int, int], None]
 
 
+class _WaitTally:
+    """Back-offs of every store a job opened, added up per server (the stores of several threads report here)."""
+
+    def __init__(self) -> None:
+        """Start from nothing."""
+        self._lock = threading.Lock()
+        self._waits: dict[str, list[float]] = {}
+
+    def add(self, store: MailStore) -> None:
+        """Add what a store that is being closed waited (stores that are never throttled have no `throttled`)."""
+        waits, seconds = getattr(store, "throttled", (0, 0.0))
+        if waits:
+            with self._lock:
+                tally = self._waits.setdefault(str(getattr(store, "url", "?")), [0, 0.0])
+                tally[0] += waits
+                tally[1] += seconds
+
+    def totals(self) -> tuple[ServerWaits, ...]:
+        """The waits per server, by server."""
+        with self._lock:
+            return tuple(ServerWaits(server, int(n), round(seconds, 3))
+                         for server, (n, seconds) in sorted(self._waits.items()))
+
+
 @dataclass
 class _Stores:
     """The two open stores of a job, reopened after a dropped connection."""
@@ -84,6 +115,7 @@ class _Stores:
     open_target: Callable[[], MailStore]
     source: MailStore | None = None
     target: MailStore | None = None
+    tally: _WaitTally = dataclasses.field(default_factory=_WaitTally)
 
     def both(self) -> tuple[MailStore, MailStore]:
         """Return the two stores, opening the ones that are not open."""
@@ -97,6 +129,7 @@ class _Stores:
         """Close both stores (quietly: the connection may be gone already)."""
         for store in (self.source, self.target):
             if store is not None:
+                self.tally.add(store)
                 try:
                     store.close()
                 except Exception:  # noqa: BLE001 - closing a dead connection may fail any way; nothing to keep
@@ -112,14 +145,16 @@ def sha256(raw: bytes) -> str:
 def migrate_mailbox(job: MailboxJob, open_source: Callable[[], MailStore], open_target: Callable[[], MailStore],
                     store: Store, rules: FolderRules = FolderRules(), dry_run: bool = False,
                     progress: Progress | None = None, pauses: Sequence[float] = RETRY_PAUSES,
-                    connections: int = 1) -> MailboxOutcome:
+                    connections: int = 1, export_to: Path | None = None) -> MailboxOutcome:
     """Copy what is new in one mailbox and sync changed flags; record evidence; never raise for the mailbox's own faults.
 
-    `connections` pairs of connections (source and target) copy folders side by side.
+    `connections` pairs of connections (source and target) copy folders side by side. With `export_to`, the
+    source's calendar, contact and task folders (where the store has them) are written to files in that folder.
     """
     began = time.monotonic()
     stores = _Stores(open_source, open_target)
     outcomes: list[FolderOutcome] = []
+    exports: list[ExportedFolder] = []
     try:
         if dry_run:
             outcomes = _dry_run(job, stores, rules, store)
@@ -140,11 +175,18 @@ def migrate_mailbox(job: MailboxJob, open_source: Callable[[], MailStore], open_
                 outcomes += _copy_group(job, group, stores, store, progress, pauses)
         else:
             outcomes += _copy_side_by_side(job, work, stores, store, progress, pauses, workers)
-        outcome = MailboxOutcome(job, "ok", None, tuple(outcomes), time.monotonic() - began)
+        source, _ = stores.both()
+        if export_to is not None and isinstance(source, ExportsNotMail):
+            exports = source.export_not_mail(export_to)
+            written = {e.folder: e.path.name for e in exports}
+            outcomes = [dataclasses.replace(o, note=f"not mail: exported to {written[o.folder]}")
+                        if o.target_folder is None and o.folder in written else o for o in outcomes]
+        outcome = MailboxOutcome(job, "ok", None, tuple(outcomes), time.monotonic() - began, tuple(exports))
     except MailboxError as exc:
-        outcome = MailboxOutcome(job, "failed", str(exc), tuple(outcomes), time.monotonic() - began)
+        outcome = MailboxOutcome(job, "failed", str(exc), tuple(outcomes), time.monotonic() - began, tuple(exports))
     finally:
         stores.drop()
+    outcome = dataclasses.replace(outcome, throttled=stores.tally.totals())
     if not dry_run:
         evidence = store.message_evidence(job.source, job.mailbox)
         copied = [e for e in evidence if e.state == "copied"]
@@ -184,7 +226,7 @@ def _copy_side_by_side(job: MailboxJob, work: list[list[FolderMapping]], stores:
     def worker(index: int) -> list[FolderOutcome]:
         # worker 0 uses the connections already open; the others open their own pair, and their own
         # state-store connection (SQLite connections stay in their thread)
-        own = stores if index == 0 else _Stores(stores.open_source, stores.open_target)
+        own = stores if index == 0 else _Stores(stores.open_source, stores.open_target, tally=stores.tally)
         done: list[FolderOutcome] = []
         try:
             with contextlib.ExitStack() as held:
@@ -251,10 +293,19 @@ def _copy_folder(job: MailboxJob, mapping: FolderMapping, source: MailStore, tar
         return FolderOutcome(folder, target_folder, note=mapping.reason)
     target.create_folder(target_folder)
     if pending:
-        _recover(job, target_folder, pending, target, store)
+        _recover(job, folder, status.uidvalidity, target_folder, pending, source, target, store)
         evidence = store.message_evidence(job.source, job.mailbox, folder)
     current = {e.source_key: e for e in evidence if e.uidvalidity == status.uidvalidity and e.state != "appending"}
-    listed = source.list_messages(folder)
+    sync_state = None
+    if isinstance(source, SyncsChanges):
+        # a delta: only what was created or changed since the state of the last complete pass (the store lists
+        # the folder in full, full=True, without a state or when the server no longer knows it)
+        same = checkpoint is not None and checkpoint.uidvalidity == status.uidvalidity
+        known = checkpoint.sync_state if same and checkpoint is not None else None
+        delta = source.changes(folder, known)
+        listed, sync_state = list(delta.messages), delta.state
+    else:
+        listed = source.list_messages(folder)
     new = [info for info in listed if info.key not in current]
     # After a UIDVALIDITY change the old keys name nothing: messages are matched by content with what
     # was copied before, so that nothing is copied twice (multiset: two equal messages need two copies).
@@ -295,8 +346,9 @@ def _copy_folder(job: MailboxJob, mapping: FolderMapping, source: MailStore, tar
             if progress is not None:
                 progress(job, folder, done, len(todo))
     last_uid = max([info.uid for info in listed if info.uid is not None], default=0)
+    # the sync state is kept only now, the folder copied: a pass that stops midway asks from the older state again
     store.save_checkpoint(FolderCheckpoint(job.source, job.mailbox, folder, job.target_mailbox, target_folder,
-                                           status.uidvalidity, last_uid, status.highestmodseq))
+                                           status.uidvalidity, last_uid, status.highestmodseq, sync_state))
     return FolderOutcome(folder, target_folder, copied, size, skipped, flags_synced, mapping.reason)
 
 
@@ -373,9 +425,10 @@ def _append(job: MailboxJob, folder: str, uidvalidity: int, target_folder: str,
     return len(messages), sum(len(m.raw) for m in messages), 0
 
 
-def _recover(job: MailboxJob, target_folder: str, pending: Sequence[MessageEvidence], target: MailStore,
-             store: Store) -> None:
-    """Find out which appends of an interrupted batch landed: match them by content in the target folder."""
+def _recover(job: MailboxJob, folder: str, uidvalidity: int, target_folder: str, pending: Sequence[MessageEvidence],
+             source: MailStore, target: MailStore, store: Store) -> None:
+    """Find out which appends of an interrupted batch landed: match them by content in the target folder (by
+    SHA-256, else by fingerprint for a server that rewrites MIME)."""
     # Target messages that no evidence row claims yet, from where the interrupted appends would be. Rows of
     # every job count: an official's two old mailboxes go into one new one, and may hold the same message.
     claimed = store.claimed_target_keys(job.target_mailbox, target_folder)
@@ -383,8 +436,15 @@ def _recover(job: MailboxJob, target_folder: str, pending: Sequence[MessageEvide
     candidates = [info for info in target.list_messages(target_folder, after_uid=max(since - 1, 0))
                   if info.key not in claimed]
     landed: dict[str, list[str]] = defaultdict(list)
+    others: list[tuple[Fingerprint, str]] = []  # candidates that are no pending message byte for byte
+    digests = {e.sha256 for e in pending}
+    rewrites = _rewrites_mime(target)
     for message in target.fetch(target_folder, [info.key for info in candidates]):
-        landed[sha256(message.raw)].append(message.info.key)
+        digest = sha256(message.raw)
+        if digest in digests:
+            landed[digest].append(message.info.key)
+        elif rewrites:
+            others.append((fingerprint(message.raw), message.info.key))
     rows = []
     for e in pending:
         keys = landed.get(e.sha256)
@@ -392,6 +452,18 @@ def _recover(job: MailboxJob, target_folder: str, pending: Sequence[MessageEvide
             rows.append(_replace_state(e, "copied", keys.pop(0)))
         else:
             rows.append(_replace_state(e, "lost", None))  # not there: it is copied again below
+    unmatched = [r.source_key for r in rows if r.state == "lost" and r.uidvalidity == uidvalidity]
+    if others and unmatched:
+        # a server that rewrites MIME (Exchange) keeps no SHA-256: the original is read again and compared by
+        # fingerprint, each landed copy claimed once
+        originals = {m.info.key: fingerprint(m.raw) for m in source.fetch(folder, unmatched)}
+        for index, row in enumerate(rows):
+            original = originals.get(row.source_key)
+            if row.state != "lost" or row.uidvalidity != uidvalidity or original is None:
+                continue
+            found = next((n for n, (copy, _) in enumerate(others) if original.matches(copy)), None)
+            if found is not None:
+                rows[index] = dataclasses.replace(_replace_state(row, "copied", others.pop(found)[1]), reason=ALTERED)
     store.record_messages([r for r in rows if r.state == "copied"])
     lost = [r for r in rows if r.state == "lost"]
     if lost:
@@ -442,8 +514,8 @@ def forget_missing(check: MailboxCheck, store: Store) -> int:
     for folder in {folder for folder, _ in missing}:
         checkpoint = store.folder_checkpoint(job.source, job.mailbox, folder)
         if checkpoint is not None:
-            # without a mod-sequence the next pass lists the folder instead of trusting it is unchanged
-            store.save_checkpoint(dataclasses.replace(checkpoint, highestmodseq=None))
+            # without a mod-sequence or sync state the next pass lists the folder instead of trusting it is unchanged
+            store.save_checkpoint(dataclasses.replace(checkpoint, highestmodseq=None, sync_state=None))
     return len(rows)
 
 
@@ -458,6 +530,7 @@ class FolderCheck:
     missing: tuple[tuple[str, str], ...] = ()  # (source folder, source key) not found in the target
     skipped: tuple[tuple[str, str, str], ...] = ()  # (source folder, source key, reason)
     extra: int = 0  # target messages no source message accounts for (mail that was there, or a duplicate)
+    altered: tuple[tuple[str, str], ...] = ()  # (source folder, source key) found by fingerprint, not byte for byte
 
 
 @dataclass(frozen=True)
@@ -500,19 +573,29 @@ def verify_mailbox(job: MailboxJob, open_source: Callable[[], MailStore], open_t
                         skipped.append((mapping.source, message.info.key, reason))
                     else:
                         wanted.append((sha256(message.raw), mapping.source, message.info.key))
+            needed = Counter(digest for digest, _, _ in wanted)
             have: Counter[str] = Counter()
+            loose: list[str] = []  # keys of target messages that are no source message byte for byte
             if target_folder in target_names:
                 infos = target.list_messages(target_folder)
-                have = Counter(sha256(m.raw) for m in target.fetch(target_folder, [i.key for i in infos]))
+                for m in target.fetch(target_folder, [i.key for i in infos]):
+                    digest = sha256(m.raw)
+                    if have[digest] < needed[digest]:
+                        have[digest] += 1
+                    else:
+                        loose.append(m.info.key)
             missing = []
             for digest, folder, key in wanted:
                 if have[digest] > 0:
                     have[digest] -= 1
                 else:
                     missing.append((folder, key))
+            altered = (_altered(source, target, target_folder, missing, loose)
+                       if missing and loose and _rewrites_mime(target) else [])
+            missing = [m for m in missing if m not in altered]
             checks.append(FolderCheck(tuple(m.source for m in group), target_folder, len(wanted),
                                       len(wanted) - len(missing), tuple(missing), tuple(skipped),
-                                      sum(have.values())))
+                                      len(loose) - len(altered), tuple(altered)))
         return MailboxCheck(job, tuple(checks))
     except MailboxError as exc:
         return MailboxCheck(job, error=str(exc))
@@ -520,3 +603,28 @@ def verify_mailbox(job: MailboxJob, open_source: Callable[[], MailStore], open_t
         stores.drop()
 
 
+
+
+def _rewrites_mime(target: MailStore) -> bool:
+    """Whether a store keeps other bytes than it was given (Exchange): only there is a fingerprint evidence, where
+    a store that keeps the bytes (IMAP, Maildir) would let an independently delivered twin stand in for a copy."""
+    return bool(getattr(target, "rewrites_mime", False))
+
+
+def _altered(source: MailStore, target: MailStore, target_folder: str, missing: Sequence[tuple[str, str]],
+             loose: Sequence[str]) -> list[tuple[str, str]]:
+    """Which of the messages not found byte for byte are in the target as the server rewrote them (by fingerprint);
+    each target message accounts for one source message."""
+    copies = [fingerprint(m.raw) for m in target.fetch(target_folder, list(loose))]
+    by_folder: dict[str, list[str]] = defaultdict(list)
+    for folder, key in missing:
+        by_folder[folder].append(key)
+    found = []
+    for folder, keys in by_folder.items():
+        for message in source.fetch(folder, keys):
+            original = fingerprint(message.raw)
+            index = next((n for n, copy in enumerate(copies) if original.matches(copy)), None)
+            if index is not None:
+                copies.pop(index)
+                found.append((folder, message.info.key))
+    return found
