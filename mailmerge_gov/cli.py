@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
 import json
 import logging
@@ -30,7 +29,7 @@ from mailmerge_gov.directory.export import (address_map, directory_csv, director
                                            map_csv)
 from mailmerge_gov.directory.ldif import format_entry
 from mailmerge_gov.directory.plan import PlanError, collector_paused, load_plan, make_plan
-from mailmerge_gov.directory.search import SearchError, build_index, index_path, search
+from mailmerge_gov.directory.search import SearchError, build_index, index_path, person_json, search
 from mailmerge_gov.directory.report import write_access_report, write_report
 from mailmerge_gov.directory.sources import SourceError, read_source
 from mailmerge_gov.directory.structure import StructureError, load_structure
@@ -40,7 +39,7 @@ from mailmerge_gov.forwarding.daemon import RelayError, explain, prepare, run
 from mailmerge_gov.forwarding.srs import SrsError
 from mailmerge_gov.migration.batch import JobsError, read_jobs_csv, run_jobs, verify_jobs
 from mailmerge_gov.migration.protocol import MailboxError
-from mailmerge_gov.migration.report import mailbox_reports, write_migration_report
+from mailmerge_gov.migration.report import mailbox_reports, server_waits, write_migration_report
 from mailmerge_gov.migration.sync import MailboxCheck, MailboxJob, MailboxOutcome, forget_missing
 from mailmerge_gov.store import Store, StoreError, open_store
 
@@ -366,7 +365,7 @@ def directory_search(config_path: Path, query: str, as_json: bool, limit: int) -
     except SearchError as exc:
         raise click.ClickException(str(exc)) from exc
     if as_json:
-        click.echo(json.dumps([dataclasses.asdict(p) for p in found], ensure_ascii=False, indent=1))
+        click.echo(json.dumps([person_json(p) for p in found], ensure_ascii=False, indent=1))
         return
     if not found:
         click.echo(f"no official matches '{query}'")
@@ -376,15 +375,17 @@ def directory_search(config_path: Path, query: str, as_json: bool, limit: int) -
     for person in found:
         formerly = "; ".join(person.old_addresses + person.old_units)
         table.add_row(person.full_name + (f"\n[dim]formerly: {rich.markup.escape(formerly)}[/dim]" if formerly else ""),
-                      person.title, person.unit, person.mail, ", ".join(person.phones))
+                      person.title, person.unit, person.mail, ", ".join(person.phones + person.mobile))
     rich.console.Console(highlight=False).print(table)
 
 
 @directory.command("serve")
 @config_option
-@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="Port to listen on.")
-def directory_serve(config_path: Path, host: str, port: int) -> None:
+@click.option("--host", default=None, help="Address to listen on (default: [web] host, or 127.0.0.1).")
+@click.option("--port", type=click.IntRange(1, 65535), default=None,
+              help="Port to listen on (default: [web] port, or 8080).")
+@click.option("--access-log", is_flag=True, help="Log every request (with its query: the names people search for).")
+def directory_serve(config_path: Path, host: str | None, port: int | None, access_log: bool) -> None:
     """Serve the staff directory website and JSON API over the index of `directory index` (uvicorn)."""
     config = read_config(config_path)
     path = index_path(config.state_file)
@@ -392,10 +393,22 @@ def directory_serve(config_path: Path, host: str, port: int) -> None:
         raise click.ClickException(f"there is no search index at {path}: build it with `mailmerge-gov directory index`")
     import uvicorn  # the web stack is loaded only by this command
 
-    from mailmerge_gov.web import create_app
+    from mailmerge_gov.web import WebSetupError, app_from_config
 
-    click.echo(f"serving the staff directory of {path} at http://{host}:{port}/", err=True)
-    uvicorn.run(create_app(path), host=host, port=port, log_level="info", proxy_headers=False)
+    try:
+        app = app_from_config(config)
+    except WebSetupError as exc:
+        raise click.ClickException(str(exc)) from exc
+    host = host or config.web.host
+    port = port or config.web.port
+    proxies = config.web.trusted_proxies
+    login = "with login" if config.web.session_secret else "public fields only, no login"
+    click.echo(f"serving the staff directory of {path} at http://{host}:{port}/ ({login})", err=True)
+    # X-Forwarded-For/-Proto are believed from the trusted proxies only: anyone else could fake them
+    # No access log unless asked: each line would hold a search (a name someone looked for), and the
+    # reverse proxy in front keeps one already.
+    uvicorn.run(app, host=host, port=port, log_level="info", proxy_headers=bool(proxies),
+                forwarded_allow_ips=",".join(proxies) if proxies else None, access_log=access_log)
 
 
 @directory.command("export-map")
@@ -516,6 +529,8 @@ def mailbox_migrate(config_path: Path, jobs_file: Path | None, only: tuple[str, 
             line += f", skipped {outcome.skipped}"
         if any(f.flags_synced for f in outcome.folders):
             line += f", flags synced on {sum(f.flags_synced for f in outcome.folders)}"
+        if outcome.exports:
+            line += f", exported {len(outcome.exports)} calendar/contact/task folders"
         click.echo(line + (f"; FAILED: {outcome.error}" if outcome.status == "failed" else ""))
         if dry_run:
             for folder in outcome.folders:
@@ -524,8 +539,10 @@ def mailbox_migrate(config_path: Path, jobs_file: Path | None, only: tuple[str, 
     failed = sum(o.status == "failed" for o in outcomes)
     if not dry_run:
         with opened(config) as store:
-            html, data = write_migration_report(mailbox_reports(store, jobs, outcomes), reports_folder(config),
-                                                "mailbox-migration", config.name)
+            reports = mailbox_reports(store, jobs, outcomes)
+            html, data = write_migration_report(reports, reports_folder(config), "mailbox-migration", config.name)
+        for waits in server_waits(reports):
+            click.echo(f"throttled by {waits.server}: waited {waits.waits} times, {waits.seconds:.1f} s in all")
         click.echo(f"report: {html}\n        {data}")
     click.echo(f"{len(outcomes) - failed} of {len(outcomes)} mailboxes done"
                + (f"; {failed} failed (run again to retry them)" if failed else ""))
@@ -555,10 +572,14 @@ def mailbox_verify(config_path: Path, jobs_file: Path | None, only: tuple[str, .
         present = sum(f.present for f in check.folders)
         skipped = sum(len(f.skipped) for f in check.folders)
         extra = sum(f.extra for f in check.folders)
+        altered = sum(len(f.altered) for f in check.folders)
         click.echo(f"{job.source}:{job.mailbox} -> {job.target_mailbox}: {present} of {expected} messages found"
+                   + (f", {altered} altered by the server" if altered else "")
                    + (f", {skipped} skipped with a reason" if skipped else "")
                    + (f", {extra} more in the new mailbox" if extra else "") + ("" if check.ok else ": MISSING"))
         for f in check.folders:
+            for folder, key in f.altered:
+                click.echo(f"    altered by the server: {folder} {key}")
             for folder, key in f.missing:
                 click.echo(f"    missing: {folder} {key}")
 

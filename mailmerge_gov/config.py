@@ -5,13 +5,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import datetime as dt
+import ipaddress
 import os
 import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import jinja2
 
@@ -296,6 +297,43 @@ class MigrationPolicy:
     connections: int = 2  # pairs of connections per mailbox, copying folders side by side
 
 
+# Fields of an official the staff directory can show; the name (and uid) are always shown. The mobile
+# number is private unless the [web] table says otherwise: it is a personal number, not the agency's.
+WEB_FIELDS = ("title", "unit", "mail", "phones", "mobile", "old_addresses", "old_units")
+DEFAULT_PUBLIC_FIELDS = ("title", "unit", "mail", "phones", "old_addresses", "old_units")
+WEB_LANGUAGES = ("vi", "en")
+
+
+@dataclass(frozen=True)
+class WebRedirect:
+    """One old directory URL (path, and query parameters it must carry) and the new page it moved to."""
+
+    old_path: str
+    old_query: tuple[tuple[str, str], ...] = ()  # parameters the old URL must carry with these values
+    to: str | None = None  # a new path; "{name}" takes the old URL's query parameter `name`
+    address: str | None = None  # or an old address template: the card of whoever has that address now
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """[web]: the staff directory site: where it listens, what visitors see, the login's session."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    public_url: str | None = None  # the address people use (https: the session cookie is Secure)
+    default_language: str = "vi"
+    public_fields: tuple[str, ...] = DEFAULT_PUBLIC_FIELDS
+    session_secret: Secret | None = None  # signs the session cookie; no secret, no login
+    session_minutes: int = 480
+    trusted_proxies: tuple[str, ...] = ()  # reverse proxies whose X-Forwarded-For/-Proto are believed
+    redirects: tuple[WebRedirect, ...] = ()
+
+    @property
+    def secure_cookies(self) -> bool:
+        """Whether the site is reached over https, so cookies must be Secure."""
+        return urlsplit(self.public_url or "").scheme == "https"
+
+
 @dataclass(frozen=True)
 class Config:
     """A whole consolidation: project, new unit, old units, policy, transition, relay."""
@@ -310,6 +348,7 @@ class Config:
     relay: Relay = field(default_factory=Relay)
     directory: DirectoryPolicy = field(default_factory=DirectoryPolicy)
     migration: MigrationPolicy = field(default_factory=lambda: MigrationPolicy())
+    web: WebConfig = field(default_factory=WebConfig)
 
     @property
     def base_dir(self) -> Path:
@@ -536,11 +575,82 @@ def _read_config(loader: _Loader, root: _Table) -> Config:
     policy = _read_directory_policy(directory_table) if directory_table else DirectoryPolicy()
     migration_table = root.table("migration")
     migration = _read_migration(migration_table) if migration_table else MigrationPolicy()
+    web_table = root.table("web")
+    web = _read_web(web_table) if web_table else WebConfig()
     root.finish()
     return Config(
         path=loader.path, name=name, state_file=state_file, target=target, sources=sources,
         addressing=addressing, transition_ends=ends, relay=relay, directory=policy, migration=migration,
+        web=web,
     )
+
+
+def _read_web(table: _Table) -> WebConfig:
+    """Read [web]: the staff directory site's address, public fields, session and old URLs."""
+    for key in table.data:
+        if key.lower() in _LITERAL_SECRET_KEYS or key == "session_secret":
+            raise table.error(key, 'the session secret is never written into the configuration; use '
+                                   'session_secret_env = "VARIABLE" or session_secret_file = "/path/to/file"')
+    host = table.text("host", default="127.0.0.1")
+    port = int(_positive(table, "port", 8080, integer=True))
+    if port > 65535:
+        raise table.error("port", f"must be 1 to 65535, got {port}")
+    public_url = table.text("public_url")
+    if public_url is not None:
+        parts = urlsplit(public_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise table.error("public_url", f"'{public_url}' is not an http:// or https:// URL with a host")
+        public_url = public_url.rstrip("/")
+    language = table.text("default_language", default="vi")
+    if language not in WEB_LANGUAGES:
+        raise table.error("default_language", f"unknown language '{language}'; choose one of {', '.join(WEB_LANGUAGES)}")
+    public = table.strings("public_fields") if "public_fields" in table.data else DEFAULT_PUBLIC_FIELDS
+    for name in public:
+        if name not in WEB_FIELDS:
+            raise table.error("public_fields", f"unknown field '{name}'; choose from {', '.join(WEB_FIELDS)} "
+                                               "(the name is always public)")
+    env = table.text("session_secret_env")
+    file = table.path_value("session_secret_file")
+    if env and file:
+        raise table.error("session_secret_file", "give session_secret_env or session_secret_file, not both")
+    if env and not _ENV_NAME.match(env):
+        raise table.error("session_secret_env", f"'{env}' is not an environment variable name")
+    minutes = int(_positive(table, "session_minutes", 480, integer=True))
+    proxies = table.strings("trusted_proxies")
+    for proxy in proxies:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            raise table.error("trusted_proxies", f"'{proxy}' is not an IP address or network") from None
+    redirects = tuple(_read_redirect(entry) for entry in table.tables("redirects"))
+    web = WebConfig(host=host, port=port, public_url=public_url, default_language=language,
+                    public_fields=tuple(dict.fromkeys(public)),
+                    session_secret=Secret(env=env, file=file) if env or file else None,
+                    session_minutes=minutes, trusted_proxies=proxies, redirects=redirects)
+    table.finish()
+    return web
+
+
+def _read_redirect(table: _Table) -> WebRedirect:
+    """Read one [[web.redirects]]: an old URL (`from`) and a new page (`to`) or an old address (`address`)."""
+    old = table.text("from", required=True)
+    parts = urlsplit(old)
+    if not old.startswith("/") or parts.fragment:
+        raise table.error("from", f"'{old}' is not the path of an old URL (it starts with /, like /danhba/?uid=x)")
+    target = table.one_of(("to", "address"), "a redirect")
+    value = table.text(target)
+    names = re.findall(r"\{([^{}]*)\}", value)
+    if any(not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name) for name in names):
+        raise table.error(target, f"'{value}': a placeholder is a query parameter's name, like {{uid}}")
+    if target == "to" and (not value.startswith("/") or value.startswith("//") or "\\" in value):
+        # a path of this site only: an open redirect would let anyone send people anywhere under our name
+        raise table.error("to", f"'{value}' is not a path of this site (it starts with one /, like /people/{{uid}})")
+    if target == "address" and value.count("@") != 1:
+        raise table.error("address", f"'{value}' is not an address template, like {{uid}}@binhduong.gov.vn")
+    redirect = WebRedirect(old_path=parts.path, old_query=tuple(parse_qsl(parts.query, keep_blank_values=True)),
+                           **{target: value})
+    table.finish()
+    return redirect
 
 
 def _read_migration(table: _Table) -> MigrationPolicy:

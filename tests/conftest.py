@@ -231,3 +231,55 @@ def chromium() -> Path:
         pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium as root "
                     "(DEBIAN_FRONTEND=noninteractive apt-get install -y chromium), or run scripts/test", pytrace=False)
     return CHROMIUM
+
+
+# --- the staff directory's login (tests/test_web*.py): the example applied to a real slapd ---
+
+# officials the login tests bind as; their passwords are set by the fixture (apply writes none)
+WEB_LOGIN_PASSWORD = "Mật-khẩu đúng 7!"
+WEB_DISABLED_UID = "nghiht"
+
+
+@pytest.fixture(scope="session")
+def web_ldap(tmp_path_factory: pytest.TempPathFactory, example_dir: Path) -> Iterator[tuple[SlapdServer, Path]]:
+    """The example applied to a private slapd and indexed from it; yields (server, consolidation file).
+
+    annv7 and a disabled official (WEB_DISABLED_UID, added here: apply carries no disabled official over) have
+    the password WEB_LOGIN_PASSWORD.
+    """
+    import ldap3
+    from click.testing import CliRunner
+
+    from mailmerge_gov.cli import cli
+
+    server = started(SlapdServer([NEW_SUFFIX], schemas=(PROJECT_SCHEMA,)))
+    try:
+        copy = tmp_path_factory.mktemp("web-ldap") / "hcm-merger"
+        shutil.copytree(example_dir, copy, ignore=shutil.ignore_patterns("state", "out"))
+        config = copy / "consolidation.toml"
+        text = config.read_text(encoding="utf-8")
+        old = '[target.directory]\n# the new directory is written as an LDIF file here; a real run names ldap_url instead\nldif = "out/directory.ldif"\n'
+        assert old in text
+        config.write_text(text.replace(old, f'[target.directory]\nldap_url = "{server.url}"\n'
+                                            f'bind_dn = "{server.admin_dn(NEW_SUFFIX)}"\n'
+                                            f'password_file = "{server.password_file}"\n'), encoding="utf-8")
+        for command in (["directory", "plan"], ["directory", "apply", "--force"]):
+            result = CliRunner().invoke(cli, [*command, "-c", str(config)], catch_exceptions=False)
+            assert result.exit_code == 0, result.output
+        admin = ldap3.Connection(ldap3.Server(server.url), server.admin_dn(NEW_SUFFIX), server.admin_password,
+                                 auto_bind=True)
+        try:
+            assert admin.add(f"uid={WEB_DISABLED_UID},ou=people,{NEW_SUFFIX}",
+                             ["inetOrgPerson", "mailmergeHistory"],
+                             {"uid": WEB_DISABLED_UID, "cn": "Hồ Thị Nghị", "sn": "Hồ",
+                              "mail": f"{WEB_DISABLED_UID}@hcm.gov.vn", "mailmergeAccountStatus": "disabled",
+                              "userPassword": WEB_LOGIN_PASSWORD}), admin.result
+            assert admin.modify(f"uid=annv7,ou=people,{NEW_SUFFIX}",
+                                {"userPassword": [(ldap3.MODIFY_REPLACE, [WEB_LOGIN_PASSWORD])]}), admin.result
+        finally:
+            admin.unbind()
+        result = CliRunner().invoke(cli, ["directory", "index", "-c", str(config)], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        yield server, config
+    finally:
+        server.stop()

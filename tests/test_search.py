@@ -100,7 +100,7 @@ def test_json_output(indexed: Path) -> None:
     assert json.loads(output) == [{
         "uid": "annv7", "full_name": "Nguyễn Văn An", "title": "Kế toán", "unit": "Sở Xây dựng",
         "unit_path": ["Thành phố Hồ Chí Minh", "Sở Xây dựng"], "mail": "annv7@hcm.gov.vn",
-        "phones": ["0274 3827 438", "0792890605"],
+        "phones": ["0274 3827 438"], "mobile": ["0792890605"],
         "old_addresses": ["an.nguyenvan@binhduong.gov.vn", "nguyenvanan@binhduong.gov.vn"],
         "old_units": ["Sở Xây dựng tỉnh Bình Dương"]}]
 
@@ -116,3 +116,35 @@ def test_no_index_yet(example_copy: Path) -> None:
     config = load_config(example_copy / "consolidation.toml")
     with pytest.raises(SearchError, match="build it with `mailmerge-gov directory index`"):
         search(index_path(config.state_file), "an")
+
+
+def test_a_rebuild_is_seen_at_once_and_whole(tmp_path: Path) -> None:
+    from mailmerge_gov.config import DirectoryConfig
+    from mailmerge_gov.directory.search import build_index
+
+    def directory(*people: tuple[str, str]) -> DirectoryConfig:
+        ldif = tmp_path / "directory.ldif"
+        ldif.write_text("".join(f"dn: uid={uid},ou=people,dc=hcm,dc=gov,dc=vn\nobjectClass: inetOrgPerson\n"
+                                f"uid: {uid}\ncn: {name}\nsn: x\nmail: {uid}@hcm.gov.vn\n\n" for uid, name in people),
+                        encoding="utf-8")
+        return DirectoryConfig(kind="ldif", path=ldif)
+
+    index = tmp_path / "index.sqlite"
+    build_index(directory(("tamlv", "Lê Văn Tám")), index)
+    assert [p.uid for p in search(index, "le van")] == ["tamlv"]  # this thread now keeps a connection open
+    build_index(directory(("chinlv", "Lê Văn Chín"), ("tamlv2", "Lê Văn Tám")), index)
+    assert [p.uid for p in search(index, "le van")] == ["chinlv", "tamlv2"]
+    assert not index.with_name("index.sqlite.building").exists()
+    index.unlink()
+    with pytest.raises(SearchError, match="there is no search index"):
+        search(index, "le van")
+
+
+def test_a_unit_finds_its_officials_and_those_of_the_units_below(indexed: Path) -> None:
+    found = search(index_path(load_config(indexed).state_file), "so xay dung", 100)
+    # its 50 officials first, then the words found elsewhere (a title "… Xây dựng", an old unit)
+    assert len(found) == 55 and {p.unit for p in found[:50]} == {"Sở Xây dựng"}
+    assert "Sở Xây dựng" not in {p.unit for p in found[50:]}
+    # the top of the organisation is everybody's unit: its words find names, not the whole directory
+    minh = search(index_path(load_config(indexed).state_file), "minh", 5)
+    assert len(minh) == 5 and all("Minh" in p.full_name.split() for p in minh)

@@ -29,6 +29,42 @@ def page(browser: Browser) -> Iterator[Page]:
         context.close()
 
 
+@pytest.fixture(scope="module")
+def login_server(web_ldap, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The site with its login, against the slapd of web_ldap, served by uvicorn on a loopback port."""
+    import dataclasses
+    import threading
+    import time
+
+    import uvicorn
+    from servers import free_port
+
+    from mailmerge_gov.config import Secret, load_config
+    from mailmerge_gov.web import app_from_config
+
+    _, config_path = web_ldap
+    secret = tmp_path_factory.mktemp("web-secret") / "secret"
+    secret.write_text("browser-test-session-secret-0123456789abcdef\n")
+    secret.chmod(0o600)
+    config = load_config(config_path)
+    config = dataclasses.replace(config, web=dataclasses.replace(config.web, session_secret=Secret(file=secret)))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app_from_config(config), host="127.0.0.1", port=port, log_level="warning",
+                                           lifespan="off"))
+    thread = threading.Thread(target=server.run, name="uvicorn-web-login", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail(f"uvicorn did not start on 127.0.0.1:{port}", pytrace=False)
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
 def no_horizontal_scroll(page: Page) -> bool:
     return page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
 
@@ -126,3 +162,32 @@ def test_keyboard_focus_order(page: Page, web_server: str) -> None:
     # skip link, site name, navigation, then the search box and its button
     assert order == ["Bỏ qua, đến nội dung chính", "Danh bạ cán bộ", "Tìm kiếm", "Cơ cấu tổ chức", "Địa chỉ cũ",
                      "English", "q", "Tìm"]
+
+
+def test_the_login_shows_the_private_field(page: Page, login_server: str) -> None:
+    from conftest import WEB_LOGIN_PASSWORD
+
+    page.goto(login_server + "/people/annv7")
+    expect(page.get_by_role("heading", level=1)).to_have_text("Nguyễn Văn An")
+    expect(page.locator(".person dl")).not_to_contain_text("0792890605")
+    page.get_by_role("link", name="Đăng nhập để xem thêm thông tin liên hệ.").click()
+    expect(page.get_by_role("heading", level=1)).to_have_text("Đăng nhập")
+    page.get_by_label("Tên đăng nhập hoặc địa chỉ thư").fill("annv7")
+    page.get_by_label("Mật khẩu").fill("not the password")
+    page.get_by_role("button", name="Đăng nhập").click()
+    expect(page.get_by_role("alert")).to_have_text("Tên đăng nhập hoặc mật khẩu không đúng.")
+    page.get_by_label("Mật khẩu").fill(WEB_LOGIN_PASSWORD)
+    page.get_by_role("button", name="Đăng nhập").click()
+    # back on the card, now with the mobile number
+    expect(page.get_by_role("heading", level=1)).to_have_text("Nguyễn Văn An")
+    expect(page.get_by_role("link", name="0792890605")).to_have_attribute("href", "tel:0792890605")
+    expect(page.locator("#user")).to_have_text("Đã đăng nhập: annv7")
+    cookie, = [c for c in page.context.cookies() if c["name"] == "mmg_session"]
+    assert (cookie["httpOnly"], cookie["sameSite"]) == (True, "Lax")
+    # the results as one types come from the API, which sees the same session
+    page.goto(login_server + "/")
+    page.get_by_label("Họ tên, tên viết tắt").press_sequentially("annv7", delay=20)
+    expect(page.locator("#results .mobile")).to_have_text("0792890605")
+    page.get_by_role("button", name="Đăng xuất").click()
+    page.goto(login_server + "/people/annv7")
+    expect(page.locator(".person dl")).not_to_contain_text("0792890605")

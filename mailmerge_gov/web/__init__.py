@@ -1,5 +1,5 @@
 """The staff directory on the web: search, person cards, vCards, the unit tree and the old-address lookup."""
 
-from mailmerge_gov.web.app import create_app
+from mailmerge_gov.web.app import WebSetupError, app_from_config, create_app
 
-__all__ = ["create_app"]
+__all__ = ["WebSetupError", "app_from_config", "create_app"]

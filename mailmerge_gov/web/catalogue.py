@@ -51,6 +51,23 @@ TEXT: dict[str, dict[str, str]] = {
         "unavailable": "Chỉ mục tìm kiếm chưa được tạo hoặc không đọc được. Hãy báo cho quản trị viên.",
         "bad_request": "Yêu cầu không hợp lệ.",
         "loading": "Đang tìm…",
+        "mobile": "Di động",
+        "nav_login": "Đăng nhập",
+        "logged_in_as": "Đã đăng nhập: {uid}",
+        "logout_button": "Đăng xuất",
+        "login_heading": "Đăng nhập",
+        "login_intro": "Cán bộ đăng nhập bằng tài khoản thư điện tử của mình để xem thêm thông tin liên hệ "
+                       "(ví dụ số điện thoại di động).",
+        "login_username": "Tên đăng nhập hoặc địa chỉ thư",
+        "login_password": "Mật khẩu",
+        "login_button": "Đăng nhập",
+        "login_failed": "Tên đăng nhập hoặc mật khẩu không đúng.",
+        "login_throttled": "Đăng nhập sai quá nhiều lần. Hãy thử lại sau ít phút.",
+        "login_expired": "Biểu mẫu đã hết hạn. Hãy nhập lại và bấm Đăng nhập.",
+        "login_unavailable": "Hiện không kiểm tra được đăng nhập với danh bạ. Hãy thử lại sau.",
+        "private_hint": "Đăng nhập để xem thêm thông tin liên hệ.",
+        "forbidden_heading": "Không được phép",
+        "forbidden": "Yêu cầu này không được chấp nhận. Hãy tải lại trang và thử lại.",
     },
     "en": {
         "lang_name": "English",
@@ -94,11 +111,28 @@ TEXT: dict[str, dict[str, str]] = {
         "unavailable": "The search index has not been built or cannot be read. Please tell an administrator.",
         "bad_request": "The request is not valid.",
         "loading": "Searching…",
+        "mobile": "Mobile",
+        "nav_login": "Log in",
+        "logged_in_as": "Logged in: {uid}",
+        "logout_button": "Log out",
+        "login_heading": "Log in",
+        "login_intro": "Officials log in with their own mail account to see more contact details "
+                       "(such as mobile numbers).",
+        "login_username": "User name or mail address",
+        "login_password": "Password",
+        "login_button": "Log in",
+        "login_failed": "The user name or password is not correct.",
+        "login_throttled": "Too many failed logins. Please try again in a few minutes.",
+        "login_expired": "The form has expired. Please enter your details again and press Log in.",
+        "login_unavailable": "Logins cannot be checked with the directory right now. Please try again later.",
+        "private_hint": "Log in to see more contact details.",
+        "forbidden_heading": "Not allowed",
+        "forbidden": "This request was refused. Reload the page and try again.",
     },
 }
 
 
 
-def pick(lang: str | None) -> str:
+def pick(lang: str | None, default: str = DEFAULT) -> str:
     """The language asked for, or the default."""
-    return lang if lang in LANGUAGES else DEFAULT
+    return lang if lang in LANGUAGES else default

@@ -2,50 +2,46 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
-import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Collection
 
 import segno
 
-from mailmerge_gov.directory.search import Person, SearchError, search
+from mailmerge_gov.directory.search import Person, person_from_row, person_json, reading, search
 
-# the people table's columns, named: the web reads the index that search.py writes, and no more
-_COLUMNS = "uid, full_name, title, unit, unit_path, mail, phones, old_addresses, old_units"
 MAX_ADDRESS = 320  # RFC 3696: no mail address is longer
+# what an official's card shows of a field that is hidden from this visitor
+_HIDDEN: dict[str, object] = {"title": "", "mail": "", "phones": (), "mobile": (), "old_addresses": (),
+                              "old_units": ()}
 
-
-def _split(value: str) -> tuple[str, ...]:
-    return tuple(value.split("\x1f")) if value else ()
-
-
-def _row_person(row: tuple) -> Person:
-    uid, full_name, title, unit, unit_path, mail, phones, old_addresses, old_units = row
-    return Person(uid=uid, full_name=full_name, title=title, unit=unit, unit_path=_split(unit_path), mail=mail,
-                  phones=_split(phones), old_addresses=_split(old_addresses), old_units=_split(old_units))
+__all__ = ["Lookup", "Person", "Unit", "lookup", "person", "person_json", "qr_svg", "redact", "unit_tree", "vcard"]
 
 
 def _rows(index: Path, sql: str, parameters: tuple = ()) -> list[tuple]:
-    """Run one read-only query on the index; a missing or broken index is a SearchError."""
-    if not index.exists():
-        raise SearchError(f"there is no search index at {index}: build it with `mailmerge-gov directory index`")
-    try:
-        db = sqlite3.connect(f"file:{index}?mode=ro", uri=True)
-        try:
-            return db.execute(sql, parameters).fetchall()
-        finally:
-            db.close()
-    except sqlite3.DatabaseError as exc:
-        raise SearchError(f"the search index {index} cannot be read ({exc}): build it again") from exc
+    """Run one read-only query on the index; a missing, broken or outdated index is a SearchError."""
+    with reading(index) as db:
+        return db.execute(sql, parameters).fetchall()
+
+
+def redact(official: Person, fields: Collection[str] | None) -> Person:
+    """The official with only `fields` left (the name and uid always); all of them when None."""
+    if fields is None:
+        return official
+    hidden = {key: value for key, value in _HIDDEN.items() if key not in fields}
+    if "unit" not in fields:
+        hidden |= {"unit": "", "unit_path": (), "unit_code": ""}
+    return dataclasses.replace(official, **hidden)
 
 
 def person(index: Path, uid: str) -> Person | None:
     """The active official with this uid, or None (disabled officials are not in the index)."""
     if len(uid) > 256:
         return None
-    found = _rows(index, f"SELECT {_COLUMNS} FROM people WHERE uid = ? ORDER BY id LIMIT 1", (uid,))
-    return _row_person(found[0]) if found else None
+    found = _rows(index, "SELECT * FROM people WHERE uid = ? ORDER BY id LIMIT 1", (uid,))
+    return person_from_row(found[0]) if found else None
 
 
 @dataclass
@@ -54,38 +50,54 @@ class Unit:
 
     name: str
     path: tuple[str, ...]
+    code: str = ""
     people: list[Person] = field(default_factory=list)
     children: dict[str, "Unit"] = field(default_factory=dict)
+    members: int = 0  # officials directly in the unit (also when `people` was not read)
 
     @property
     def total(self) -> int:
         """Officials in this unit and every unit below it."""
-        return len(self.people) + sum(child.total for child in self.children.values())
+        return self.members + sum(child.total for child in self.children.values())
 
     def as_json(self) -> dict:
-        return {"name": self.name, "path": list(self.path), "members": len(self.people), "total": self.total,
-                "children": [child.as_json() for child in self.children.values()]}
+        """The unit and its sub-units, with member counts, as the API answers."""
+        return {"code": self.code, "name": self.name, "path": list(self.path), "members": self.members,
+                "total": self.total, "children": [child.as_json() for child in self.children.values()]}
 
 
-def unit_tree(index: Path) -> list[Unit]:
-    """The units of the new organisation, built from the officials' unit paths (in the index's name order)."""
-    roots: dict[str, Unit] = {}
-    unplaced: list[Person] = []
-    for row in _rows(index, f"SELECT {_COLUMNS} FROM people ORDER BY id"):
-        official = _row_person(row)
-        if not official.unit_path:
-            unplaced.append(official)
-            continue
-        level = roots
-        unit = None
-        for depth, name in enumerate(official.unit_path):
-            unit = level.setdefault(name, Unit(name, official.unit_path[:depth + 1]))
-            level = unit.children
-        unit.people.append(official)
-    tree = list(roots.values())
+def unit_tree(index: Path, with_people: bool = True) -> list[Unit]:
+    """The units of the new organisation as its directory's OUs nest them, empty units too, sisters in name order."""
+    with reading(index) as db:
+        units = db.execute("SELECT code, name, parent, members FROM units ORDER BY position").fetchall()
+        # officials whose unit is not among the OUs (the count the units table cannot have)
+        unplaced = db.execute("SELECT count(*) FROM people WHERE unit_code NOT IN (SELECT code FROM units)").fetchone()[0]
+        people = [person_from_row(row) for row in db.execute("SELECT * FROM people ORDER BY id")] if with_people else []
+    parents = {code: parent for code, _, parent, _ in units}
+    names = {code: name for code, name, _, _ in units}
+
+    def path(code: str) -> tuple[str, ...]:
+        seen: list[str] = []
+        while code is not None and code not in seen:  # a loop of parents is cut, never followed forever
+            seen.insert(0, code)
+            code = parents[code]
+        return tuple(names[c] for c in seen)
+
+    nodes = {code: Unit(name, path(code), code, members=members) for code, name, _, members in units}
+    roots: list[Unit] = []
+    for code, _, parent, _ in units:
+        if parent in nodes and parent != code:
+            nodes[parent].children[code] = nodes[code]
+        else:
+            roots.append(nodes[code])
+    placed = {official.uid for official in people if official.unit_code in nodes}
+    for official in people:
+        if official.unit_code in nodes:
+            nodes[official.unit_code].people.append(official)
     if unplaced:
-        tree.append(Unit("", (), unplaced))
-    return tree
+        roots.append(Unit("", (), "", [official for official in people if official.uid not in placed],
+                          members=unplaced))
+    return roots
 
 
 @dataclass(frozen=True)
@@ -96,27 +108,22 @@ class Lookup:
     person: Person | None
     current: bool
 
-    def as_json(self) -> dict:
+    def as_json(self, fields: Collection[str] | None = None) -> dict:
+        """The answer as the API gives it, the official with only `fields` (all when None)."""
         return {"address": self.address, "found": self.person is not None, "current": self.current,
-                "person": person_json(self.person) if self.person else None}
+                "person": person_json(self.person, fields) if self.person else None}
 
 
-def lookup(index: Path, address: str) -> Lookup | None:
-    """Who an old or new address belongs to now; None when the text is not an address at all."""
+def lookup(index: Path, address: str, fields: Collection[str] | None = None) -> Lookup | None:
+    """Who an old or new address belongs to now (through `fields` only); None when the text is not an address."""
     address = address.strip()
     local, at, domain = address.partition("@")
     if not at or not local or "." not in domain or len(address) > MAX_ADDRESS or any(c.isspace() for c in address):
         return None
-    found = search(index, address, 1)
+    found = search(index, address, 1, fields)
     official = found[0] if found else None
     current = official is not None and official.mail.lower() == address.lower()
     return Lookup(address, official, current)
-
-
-def person_json(official: Person) -> dict:
-    return {"uid": official.uid, "full_name": official.full_name, "title": official.title, "unit": official.unit,
-            "unit_path": list(official.unit_path), "mail": official.mail, "phones": list(official.phones),
-            "old_addresses": list(official.old_addresses), "old_units": list(official.old_units)}
 
 
 def _escape(value: str) -> str:
@@ -154,6 +161,7 @@ def vcard(official: Person) -> str:
     if official.mail:
         lines.append(f"EMAIL;TYPE=INTERNET,PREF:{_escape(official.mail)}")
     lines += [f"TEL;TYPE=WORK,VOICE:{_escape(phone)}" for phone in official.phones]
+    lines += [f"TEL;TYPE=CELL,VOICE:{_escape(phone)}" for phone in official.mobile]
     formerly = official.old_addresses + official.old_units
     if formerly:
         lines.append("NOTE:" + _escape(", ".join(formerly)))

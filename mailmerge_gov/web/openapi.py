@@ -6,7 +6,10 @@ from mailmerge_gov import __version__
 
 _PERSON = {
     "type": "object",
-    "required": ["uid", "full_name", "title", "unit", "unit_path", "mail", "phones", "old_addresses", "old_units"],
+    # the other fields are present only when the caller may see them: [web] public_fields, or all after login
+    "required": ["uid", "full_name"],
+    "description": "An official. Fields that are not public ([web] public_fields; the mobile number by default) "
+                   "are left out unless the request carries the session cookie of an official who logged in.",
     "properties": {
         "uid": {"type": "string"},
         "full_name": {"type": "string"},
@@ -15,7 +18,8 @@ _PERSON = {
         "unit_path": {"type": "array", "items": {"type": "string"},
                       "description": "from the top of the new organisation down to the official's unit"},
         "mail": {"type": "string", "format": "email"},
-        "phones": {"type": "array", "items": {"type": "string"}},
+        "phones": {"type": "array", "items": {"type": "string"}, "description": "office numbers"},
+        "mobile": {"type": "array", "items": {"type": "string"}},
         "old_addresses": {"type": "array", "items": {"type": "string"}},
         "old_units": {"type": "array", "items": {"type": "string"}},
     },
@@ -30,7 +34,9 @@ def _json(ref: str) -> dict:
 OPENAPI: dict = {
     "openapi": "3.1.0",
     "info": {"title": "mailmerge-gov staff directory", "version": __version__,
-             "description": "Active officials of the new organisation (disabled accounts are never listed)."},
+             "description": "Active officials of the new organisation (disabled accounts are never listed). Fields "
+                            "that are not public are left out, and never searched, unless the request carries the "
+                            "session cookie of an official who logged in on the site (/login)."},
     "paths": {
         "/api/people": {"get": {
             "summary": "Search officials by name (diacritics optional), initials, address, phone, title or unit",
@@ -60,7 +66,8 @@ OPENAPI: dict = {
         "SearchResult": {"type": "object", "required": ["query", "count", "people"], "properties": {
             "query": {"type": "string"}, "count": {"type": "integer"},
             "people": {"type": "array", "items": {"$ref": "#/components/schemas/Person"}}}},
-        "Unit": {"type": "object", "required": ["name", "path", "members", "total", "children"], "properties": {
+        "Unit": {"type": "object", "required": ["code", "name", "path", "members", "total", "children"], "properties": {
+            "code": {"type": "string", "description": "the unit's code in the new directory (mailmergeUnitCode)"},
             "name": {"type": "string"}, "path": {"type": "array", "items": {"type": "string"}},
             "members": {"type": "integer", "description": "officials directly in this unit"},
             "total": {"type": "integer", "description": "officials in this unit and all units below it"},

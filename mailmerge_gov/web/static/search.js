@@ -8,6 +8,7 @@
   if (!form || !input || !results || !window.fetch) return;
   var d = results.dataset;
   var lang = d.lang;
+  var defaultLang = d.defaultLang || "vi";
   var timer = null;
   var latest = 0;
 
@@ -19,7 +20,7 @@
   }
 
   function withLang(path) {
-    return lang && lang !== "vi" ? path + "?lang=" + encodeURIComponent(lang) : path;
+    return lang && lang !== defaultLang ? path + "?lang=" + encodeURIComponent(lang) : path;
   }
 
   function card(p) {
@@ -37,16 +38,18 @@
       dl.appendChild(dd);
       return dd;
     }
+    // a field this visitor may not see is absent from the answer: treat it as empty
     if (p.title) row(d.title, p.title);
-    if (p.unit_path.length) row(d.unit, p.unit_path.join(" \u203a ")).className = "unit-path";
+    if (p.unit_path && p.unit_path.length) row(d.unit, p.unit_path.join(" \u203a ")).className = "unit-path";
     if (p.mail) {
       var mail = el("a", p.mail);
       mail.href = "mailto:" + p.mail;
       row(d.mail, mail);
     }
-    if (p.phones.length) row(d.phones, p.phones.join(", "));
+    if (p.phones && p.phones.length) row(d.phones, p.phones.join(", "));
+    if (p.mobile && p.mobile.length) row(d.mobile, p.mobile.join(", ")).className = "mobile";
     article.appendChild(dl);
-    var formerly = p.old_addresses.concat(p.old_units);
+    var formerly = (p.old_addresses || []).concat(p.old_units || []);
     if (formerly.length) article.appendChild(el("p", d.formerly + ": " + formerly.join(", "), "formerly"));
     return article;
   }
@@ -66,7 +69,7 @@
   function run() {
     var query = input.value;
     var ticket = ++latest;
-    var url = "/?" + new URLSearchParams(lang !== "vi" ? { q: query, lang: lang } : { q: query });
+    var url = "/?" + new URLSearchParams(lang !== defaultLang ? { q: query, lang: lang } : { q: query });
     fetch("/api/people?" + new URLSearchParams({ q: query }))
       .then(function (r) { return r.ok ? r.json() : { count: 0, people: [] }; })
       .then(function (data) {
