@@ -577,12 +577,14 @@ class _Capture:
         return "\n".join(lines[start:])
 
 
-def print_table(rows: list[Row]) -> None:
-    """Print the figures side by side."""
+def print_table(rows: list[Row], load_before: tuple[float, float, float]) -> None:
+    """Print the figures side by side, with the machine's load average before and after (others' work skews them)."""
     postfix = subprocess.run([require_program("postconf", "postfix"), "-d", "-h", "mail_version"], capture_output=True,
                              text=True).stdout.strip()
     print(f"\nmailmerge-gov relay benchmark: {os.cpu_count()} cores, Python {platform.python_version()}, "
           f"Postfix {postfix} (forwarder, smtp-source, smtp-sink)")
+    print("load average (1, 5, 15 min) before: {:.2f} {:.2f} {:.2f}, after: {:.2f} {:.2f} {:.2f}".format(
+        *load_before, *os.getloadavg()))
     print_rows(rows)
 
 
@@ -600,6 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=30, help="functions listed per profile order (default 30)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, profile)")
     args = parser.parse_args(argv)
+    load_before = os.getloadavg()
     folder = Path(tempfile.mkdtemp(prefix="mmg-bench-relay-", dir="/tmp"))
     folder.chmod(0o755)  # Postfix's processes, as user postfix, reach their queue inside it
     report = ""
@@ -616,7 +619,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"kept: {folder}")
         else:
             shutil.rmtree(folder, ignore_errors=True)
-    print_table(rows)
+    print_table(rows, load_before)
     print(report)
     return 0
 

@@ -13,21 +13,22 @@ import secrets
 import ssl
 import traceback
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, AnyStr, TypeVar
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, syntax
+from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException, syntax
 
 from mailmerge_gov.config import Config
-from mailmerge_gov.forwarding import replies
+from mailmerge_gov.forwarding import replies, smtpinit
 from mailmerge_gov.forwarding.address import NULL_PATH, AddressError, parse_mailbox, split_path
 from mailmerge_gov.forwarding.addressmap import AddressMap, Outcome, Verdict
 from mailmerge_gov.forwarding.metrics import RelayMetrics
 from mailmerge_gov.forwarding.message import (count_received, delivered_to, delivered_to_header, header_fields,
                                               normalise_line_endings, protocol_name, received_header)
-from mailmerge_gov.forwarding.nexthop import HopReply, NextHop, NextHopSettings, next_hop_settings
+from mailmerge_gov.forwarding.nexthop import HopReply, NextHop, NextHopPool, NextHopSettings, next_hop_settings
 from mailmerge_gov.forwarding.replies import Reply
+from mailmerge_gov.forwarding.smtpdata import TOO_LONG, header_block, read_data, stuff, unstuff
 from mailmerge_gov.forwarding.srs import Srs, SrsError
 
 log = logging.getLogger("mailmerge_gov.forwarding")
@@ -189,8 +190,12 @@ class TransactionRecord:
 
     def as_json(self) -> str:
         """The record as one JSON line."""
-        data = asdict(self)
-        data = {"event": "transaction", **data, "from": data.pop("mail_from")}
+        # Field by field rather than dataclasses.asdict, which deep-copies recursively: this runs per message.
+        data = {"event": "transaction", "id": self.id, "time": self.time, "client": self.client, "helo": self.helo,
+                "mail_from": self.mail_from, "relayed_from": self.relayed_from,
+                "recipients": [{"to": r.to, "verdict": r.verdict, "new": r.new, "reply": r.reply}
+                               for r in self.recipients],
+                "size": self.size, "next_hop": self.next_hop, "result": self.result, "from": self.mail_from}
         return json.dumps(data, ensure_ascii=False)
 
 
@@ -275,6 +280,7 @@ class RelayHandler:
         self.connections: set[SMTP] = set()
         self.closing: set[asyncio.Task[None]] = set()
         self.draining = False
+        self.pool = NextHopPool(settings.next_hop)  # idle next-hop connections, shared by the client sessions
 
     # --- aiosmtpd hooks ---------------------------------------------------------------------------------
 
@@ -338,8 +344,7 @@ class RelayHandler:
         tx = state.transaction
         if tx is None or tx.envelope is not envelope or not tx.accepted:
             return "503 5.5.1 Error: need RCPT command"
-        content = envelope.original_content or b""
-        reply = tx.failure or await self._relay_message(session, state, tx, content)
+        reply = tx.failure or await self._relay_message(session, state, tx, envelope)
         self._finish(session, state, reply.one_line())
         self._count("messages", reply)
         return str(reply)
@@ -402,6 +407,9 @@ class RelayHandler:
         state = self.sessions.pop(session, None) if session is not None else None
         if state is None:
             return
+        if state.busy is None and state.transaction is None and (state.hop is None or self.pool.give_back(state.hop)):
+            state.hop = None  # the usual end (QUIT after the message): nothing to log or wait for, no task needed
+            return
         task = asyncio.get_running_loop().create_task(self._close_session(session, state))
         self.closing.add(task)
         task.add_done_callback(self.closing.discard)
@@ -416,8 +424,9 @@ class RelayHandler:
             if tx is not None and tx.size is not None and not tx.next_hop:
                 tx.next_hop = hop_reply.one_line()
         self._finish(session, state, state.closed_with or "client disconnected")
-        if state.hop is not None:
-            await state.hop.close()
+        hop, state.hop = state.hop, None
+        if hop is not None and not self.pool.give_back(hop):
+            await hop.close()
 
     async def drain(self, timeout: float) -> None:
         """Stop new transactions, give open sessions `timeout` seconds, then close what is left."""
@@ -448,6 +457,7 @@ class RelayHandler:
         await asyncio.sleep(0)
         if self.closing:
             await asyncio.wait(set(self.closing), timeout=self.settings.next_hop.timeout + 5)
+        await self.pool.close()
 
     # --- the work ---------------------------------------------------------------------------------------
 
@@ -469,34 +479,52 @@ class RelayHandler:
         return verdict.outcome.value, verdict.new_address, verdict_reply(verdict)
 
     async def _ask_next_hop(self, state: _Session, tx: _Transaction, envelope: Envelope, target: str) -> Reply:
-        """Open the next-hop connection and transaction if needed, then RCPT the new address there."""
-        utf8 = envelope.smtp_utf8
-        if state.hop is None or not state.hop.connected:
-            if tx.hop_open:
-                tx.failure = replies.next_hop_unavailable("connection lost", "4.4.2")
-                return tx.failure
-            state.hop = NextHop(self.settings.next_hop)
-            greeting = await self._call(state, state.hop.connect(), "connect")
-            if not greeting.positive:
-                state.hop = None
-                tx.failure = _unavailable(greeting)
-                return tx.failure
-        hop = state.hop
+        """Open the next-hop transaction if needed, then RCPT the new address there."""
         if not tx.hop_open:
-            if hop.in_transaction:
-                await self._call(state, hop.rset(), "rset")  # the previous client transaction ended without DATA
-            if utf8 and not hop.supports("smtputf8"):
-                tx.failure = Reply(550, "5.6.7", ("Next hop does not support SMTPUTF8",))
-                return tx.failure
-            answer = await self._call(state, hop.mail(tx.relayed_from, self._mail_options(envelope, hop), utf8), "mail")
-            if not answer.positive:
-                tx.failure = _client_reply(answer)
-                return tx.failure
-            tx.hop_open = True
-        answer = await self._call(state, hop.rcpt(target, utf8), "rcpt")
+            refusal = await self._open_next_hop(state, tx, envelope)
+            if refusal is not None:
+                tx.failure = refusal
+                return refusal
+        hop = state.hop
+        if hop is None or not hop.connected:
+            tx.failure = replies.next_hop_unavailable("connection lost", "4.4.2")
+            return tx.failure
+        answer = await self._call(state, hop.rcpt(target, envelope.smtp_utf8), "rcpt")
         if answer.failure:
             tx.failure = _client_reply(answer)
         return _client_reply(answer)
+
+    async def _open_next_hop(self, state: _Session, tx: _Transaction, envelope: Envelope) -> Reply | None:
+        """MAIL over the session's connection, an idle pooled one or a new one; the refusal, or None when accepted."""
+        utf8 = envelope.smtp_utf8
+        for attempt in (1, 2):
+            fresh = False
+            if state.hop is None or not state.hop.connected:
+                state.hop = self.pool.take() if attempt == 1 else None
+                if state.hop is None:
+                    hop = NextHop(self.settings.next_hop)
+                    greeting = await self._call(state, hop.connect(), "connect")
+                    if not greeting.positive:
+                        return _unavailable(greeting)
+                    state.hop, fresh = hop, True
+            hop = state.hop
+            if hop.in_transaction:
+                await self._call(state, hop.rset(), "rset")  # the previous client transaction ended without DATA
+            if utf8 and not hop.supports("smtputf8"):
+                return Reply(550, "5.6.7", ("Next hop does not support SMTPUTF8",))
+            answer = await self._call(state, hop.mail(tx.relayed_from, self._mail_options(envelope, hop), utf8), "mail")
+            if answer.positive:
+                tx.hop_open = True
+                return None
+            if fresh or attempt == 2 or not (answer.failure or answer.code == 421):
+                return _client_reply(answer)
+            # A connection that served an earlier transaction (pooled, or this session's) was closed by the
+            # next hop while idle, or is being closed (421): nothing of this message was sent over it yet,
+            # so MAIL goes again over a new connection before the client hears anything.
+            log.info("%s", event("next-hop-retry", transaction=tx.id, reply=answer.one_line()))
+            await hop.close()
+            state.hop = None
+        raise AssertionError("unreachable")  # the second attempt always returns
 
     def _mail_options(self, envelope: Envelope, hop: NextHop) -> list[str]:
         """The client's MAIL parameters that the next hop understands (SIZE grown by our headers)."""
@@ -512,10 +540,26 @@ class RelayHandler:
                 options.append(option)
         return options
 
-    async def _relay_message(self, session: Session, state: _Session, tx: _Transaction, content: bytes) -> Reply:
+    async def _relay_message(self, session: Session, state: _Session, tx: _Transaction, envelope: Envelope) -> Reply:
         """Send the message to the next hop (loops refused first) and return the client's reply."""
-        content = normalise_line_endings(content)
-        fields = header_fields(content)
+        as_sent = envelope if isinstance(envelope, RelayEnvelope) else None
+        wire = as_sent.wire if as_sent is not None else None
+        content: bytes | None = None
+        body: bytes | bytearray
+        if as_sent is not None and wire is not None and not as_sent.wire_bare:
+            # Nearly every message: sent on as the client sent it, transparency dots included, with no copy of
+            # the body (the next hop removes the same dots, so it gets the very same message).
+            body = wire
+            size = len(wire) - as_sent.wire_dots
+            fields = header_fields(header_block(wire))
+        else:
+            # A bare CR or LF becomes CRLF, which can make new lines that start with a dot: stuffed anew.
+            content = normalise_line_endings(unstuff(wire) if wire is not None else envelope.original_content or b"")
+            if content and not content.endswith(b"\r\n"):
+                content += b"\r\n"  # as aiosmtplib did: the end of data needs a CRLF before the dot
+            body = stuff(content)
+            size = len(content)
+            fields = header_fields(content)
         hops = count_received(fields)
         olds = {old.lower() for addresses in tx.accepted.values() for old in addresses}
         looped = delivered_to(fields) & olds
@@ -538,11 +582,14 @@ class RelayHandler:
             queue_id=tx.id, recipient=recipient, when=self.clock())
         if recipient is not None:
             headers += delivered_to_header(recipient)
-        message = headers + content
+        parts = [headers, body]  # header fields never start with a dot: no stuffing needed
         if self.arc is not None:
-            message = await self._arc_seal(tx, message) + message
-        tx.size = len(message)
-        answer = await self._call(state, hop.data(message), "data")
+            if content is None:
+                content = unstuff(body)
+            seal = await self._arc_seal(tx, headers + content)
+            parts.insert(0, seal)
+        tx.size = sum(len(part) for part in parts[:-1]) + size
+        answer = await self._call(state, hop.send(parts), "data")
         tx.next_hop = answer.one_line()
         tx.hop_open = False
         return _client_reply(answer)
@@ -667,6 +714,39 @@ def _say_and_close(server: SMTP, line: str) -> None:
     transport.close()
 
 
+class RelayEnvelope(Envelope):
+    """aiosmtpd's Envelope, holding the message in its wire form; the plain message is made only when asked for."""
+
+    def __init__(self) -> None:
+        """An empty envelope."""
+        self.wire: bytearray | None = None  # as the client sent it after DATA: dot-stuffed, CRLF at the end
+        self.wire_bare = False  # whether it has a bare CR or LF
+        self.wire_dots = 0  # its transparency dots
+        self._content: bytes | None = None
+        super().__init__()
+
+    @property
+    def original_content(self) -> bytes | None:  # type: ignore[override]
+        """The message without transparency dots (made from the wire form, once)."""
+        if self._content is None and self.wire is not None:
+            self._content = unstuff(self.wire)
+        return self._content
+
+    @original_content.setter
+    def original_content(self, value: bytes | None) -> None:
+        self._content = value
+
+    @property
+    def content(self) -> bytes | None:  # type: ignore[override]
+        """The message as bytes (the relay never decodes it)."""
+        return self.original_content
+
+    @content.setter
+    def content(self, value: bytes | None) -> None:
+        if value is not None:
+            self._content = value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")
+
+
 class RelaySMTP(SMTP):
     """aiosmtpd's SMTP server with strict SMTP paths, connection limits, 421 on timeout, and the handler told."""
 
@@ -675,7 +755,10 @@ class RelaySMTP(SMTP):
         # aiosmtpd keeps command_size_limits on the class, shared by all connections and grown by every EHLO
         # (for SIZE and SMTPUTF8): one dict per connection, emptied at each EHLO, keeps the RFC 5321 limits.
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit)
-        super().__init__(handler, **options)
+        if smtpinit.applicable(options):
+            smtpinit.init(self, handler, **options)  # the same, with its method tables made once per class
+        else:
+            super().__init__(handler, **options)
         self._client_ip: str | None = None
         self._refused = False  # over a connection limit: told so and closed before the greeting
         self._lost = False
@@ -728,14 +811,49 @@ class RelaySMTP(SMTP):
             self._reset_timeout()
         super().data_received(data)
 
+    def _create_envelope(self) -> Envelope:
+        """An envelope that keeps the message as it came (dot-stuffed): the relay sends it on as it is."""
+        return RelayEnvelope()
+
     @syntax("DATA")
     async def smtp_DATA(self, arg: str) -> None:
-        """DATA, with the idle timer restarted by the message's bytes as they arrive."""
+        """DATA read in large chunks (aiosmtpd reads line by line), with the idle timer restarted as bytes arrive."""
+        # The checks and replies are aiosmtpd 1.4's (SMTP.smtp_DATA): HELO first, RCPT first, no argument, then
+        # 354; a line too long answers 500 and too much data 552 after the end of data; the handler's DATA
+        # hook gives the final reply. smtpdata.read_data says what differs in how the bytes are read.
+        if await self.check_helo_needed():
+            return
+        if await self.check_auth_needed("DATA"):
+            return
+        envelope = self.envelope
+        assert envelope is not None
+        if not envelope.rcpt_tos:
+            await self.push("503 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 Syntax: DATA")
+            return
+        await self.push("354 End data with <CR><LF>.<CR><LF>")
         self._reading_message = True
         try:
-            await super().smtp_DATA(arg)
-        finally:
+            read = await read_data(self._reader, self.data_size_limit, self.line_length_limit)
+        except asyncio.CancelledError:
+            self._writer.close()  # the connection was lost during DATA (as aiosmtpd does)
+            raise
+        finally:  # DataLost (end of input without the cancellation aiosmtpd sends first) is a ConnectionResetError
             self._reading_message = False
+        if read.wire is None:
+            await self.push("500 Line too long (see RFC5321 4.5.3.1.6)" if read.refused == TOO_LONG
+                            else "552 Error: Too much mail data")
+            self._set_post_data_state()
+            return
+        if isinstance(envelope, RelayEnvelope):
+            envelope.wire, envelope.wire_bare, envelope.wire_dots = read.wire, read.bare, read.dots
+        else:  # a subclass with an envelope of its own: the plain message, as aiosmtpd gives it
+            envelope.original_content = envelope.content = unstuff(read.wire)
+        status = await self._call_handler_hook("DATA")
+        self._set_post_data_state()
+        await self.push("250 OK" if status is MISSING else status)
 
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:
