@@ -287,6 +287,26 @@ def test_units_without_officials_are_in_the_tree_with_zero(client: TestClient) -
     assert '<span class="unit-name">UBND Xã Long Sơn</span> <span class="members">(0 người)</span>' in page
 
 
+def test_a_unit_lists_its_officials_on_a_page_of_its_own(client: TestClient) -> None:
+    # the tree has units, counts and a link per unit: a 100,000-official tree with every name would be megabytes
+    tree = client.get("/units").text
+    assert "/people/" not in tree
+    code = {unit["name"]: unit["code"] for unit in client.get("/api/units").json()["units"][0]["children"]}["Sở Xây dựng"]
+    assert f'<a href="/units/{code}">Danh sách 50 cán bộ của đơn vị</a>' in tree
+    page = client.get(f"/units/{code}").text
+    assert "<h1>Sở Xây dựng</h1>" in page and '<a href="/units">Cơ cấu tổ chức</a>' in page
+    assert page.count('<li><a href="/people/') == 50
+    assert '<li><a href="/people/annv7">Nguyễn Văn An</a> – Kế toán</li>' in page
+    top = client.get("/units/79").text
+    assert "<h1>Thành phố Hồ Chí Minh</h1>" in top and f'<a href="/units/{code}">Sở Xây dựng</a>' in top
+    assert "<li>UBND Xã Long Sơn <span" in top  # nothing to list there: no link
+    assert client.get("/units/-").text.count('<li><a href="/people/') == 71  # the officials in no unit
+    english = client.get(f"/units/{code}", params={"lang": "en"}).text
+    assert '<a href="/units?lang=en">Organisation</a>' in english and "<h2>Officials</h2>" in english
+    for missing in ("nope", "79.STP%2F..", "*"):
+        assert client.get(f"/units/{missing}").status_code == 404, missing
+
+
 def test_an_index_of_another_version_is_refused(tmp_path: Path, web_index: Path) -> None:
     import shutil
     import sqlite3
@@ -338,7 +358,8 @@ def test_configured_public_fields_hide_the_others_everywhere(web_index: Path) ->
         "END:VCARD\r\n")
     # without the unit field, who works where is not shown: the tree has its units and counts, no names
     units = client.get("/units").text
-    assert "Sở Xây dựng" in units and "/people/annv7" not in units
+    assert "Sở Xây dựng" in units and "/people/annv7" not in units and 'href="/units/' not in units
+    assert client.get("/units/79").status_code == 404
 
 
 # --- old URLs ---

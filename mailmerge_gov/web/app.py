@@ -33,7 +33,8 @@ from mailmerge_gov.config import WEB_FIELDS, Config, LdapServer, SecretError, We
 from mailmerge_gov.directory.search import Person, SearchError, index_path, search
 from mailmerge_gov.web import catalogue
 from mailmerge_gov.web.auth import LoginUnavailable, Throttle, authenticate
-from mailmerge_gov.web.data import Lookup, lookup, person, person_json, qr_svg, redact, unit_tree, vcard
+from mailmerge_gov.web.data import (Lookup, lookup, person, person_json, qr_svg, redact, unit_members, unit_tree,
+                                    vcard)
 from mailmerge_gov.web.openapi import OPENAPI
 from mailmerge_gov.web.redirects import old_url_target, same_path
 
@@ -43,6 +44,7 @@ MAX_QUERY = 200  # search() reads no more than this either
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
 MAX_FORM = 8192  # bytes of a login form: a user name, a password and two tokens
+NO_UNIT = "-"  # the path of the page of officials in no unit of the tree (no unit code is "-")
 MIN_SECRET = 32  # characters of the session secret: shorter ones can be guessed offline from a cookie
 
 # Pages load nothing from elsewhere and run no inline script: the browser is told so.
@@ -222,9 +224,18 @@ def create_app(index: Path, *, settings: WebConfig | None = None, directory: Lda
 
     async def units_page(request: Request) -> Response:
         visible = fields(request)
-        # without the unit field, who works where is private: the tree shows the units and counts only
-        tree = unit_tree(index, with_people="unit" in visible)
-        return page(request, "units.html", units=tree, visible=visible)
+        # Units and counts only; each unit's officials are on a page of their own (units_members_page).
+        # Without the unit field, who works where is private: no links to those pages then.
+        return page(request, "units.html", units=unit_tree(index, with_people=False), visible=visible)
+
+    async def unit_page(request: Request) -> Response:
+        visible = fields(request)
+        code = request.path_params["code"]
+        found = unit_members(index, "" if code == NO_UNIT else code) if "unit" in visible else None
+        if found is None:
+            raise HTTPException(404)
+        unit, members = found
+        return page(request, "unit.html", unit=unit, members=[redact(p, visible) for p in members], visible=visible)
 
     async def lookup_page(request: Request) -> Response:
         address = request.query_params.get("address", "")[:MAX_QUERY]
@@ -329,6 +340,7 @@ def create_app(index: Path, *, settings: WebConfig | None = None, directory: Lda
         Route("/people/{uid}/vcard.vcf", person_vcard),
         Route("/people/{uid}/qr.svg", person_qr),
         Route("/units", units_page),
+        Route("/units/{code}", unit_page),
         Route("/lookup", lookup_page),
         Route("/login", login_page, methods=["GET", "POST"]),
         Route("/logout", logout, methods=["POST"]),

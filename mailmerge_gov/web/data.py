@@ -17,7 +17,8 @@ MAX_ADDRESS = 320  # RFC 3696: no mail address is longer
 _HIDDEN: dict[str, object] = {"title": "", "mail": "", "phones": (), "mobile": (), "old_addresses": (),
                               "old_units": ()}
 
-__all__ = ["Lookup", "Person", "Unit", "lookup", "person", "person_json", "qr_svg", "redact", "unit_tree", "vcard"]
+__all__ = ["Lookup", "Person", "Unit", "lookup", "person", "person_json", "qr_svg", "redact", "unit_members", "unit_tree",
+           "vcard"]
 
 
 def _rows(index: Path, sql: str, parameters: tuple = ()) -> list[tuple]:
@@ -98,6 +99,25 @@ def unit_tree(index: Path, with_people: bool = True) -> list[Unit]:
         roots.append(Unit("", (), "", [official for official in people if official.uid not in placed],
                           members=unplaced))
     return roots
+
+
+def unit_members(index: Path, code: str) -> tuple[Unit, list[Person]] | None:
+    """A unit of the tree (its sub-units with counts) and its own officials; "" is the officials in no unit."""
+    # One unit's officials at a time: the tree of a 100,000-official city with every name in it would be a page
+    # of megabytes that a phone never finishes drawing.
+    pending = unit_tree(index, with_people=False)
+    node = None
+    while pending and node is None:
+        unit = pending.pop()
+        node = unit if unit.code == code else None
+        pending += unit.children.values()
+    if node is None:
+        return None
+    if code:
+        rows = _rows(index, "SELECT * FROM people WHERE unit_code = ? ORDER BY id", (code,))
+    else:
+        rows = _rows(index, "SELECT * FROM people WHERE unit_code NOT IN (SELECT code FROM units) ORDER BY id")
+    return node, [person_from_row(row) for row in rows]
 
 
 @dataclass(frozen=True)
