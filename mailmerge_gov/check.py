@@ -44,6 +44,23 @@ def check_config(config: Config) -> Iterator[CheckResult]:
     if config.relay.next_hop:
         yield _check_smtp("relay next hop", config.relay.next_hop, config.relay.next_hop_host,
                           config.relay.next_hop_port, config.relay.hostname)
+    if config.web.session_secret is not None:
+        yield _check_web_login(config)
+
+
+def _check_web_login(config: Config) -> CheckResult:
+    """Read the staff directory's session secret as `directory serve` would; the directory is checked above."""
+    from mailmerge_gov.web.app import WebSetupError, login_setup  # the web stack only when [web] has a login
+
+    assert config.web.session_secret is not None
+    where = config.web.session_secret.describe()
+    try:
+        directory, _ = login_setup(config)
+    except WebSetupError as exc:
+        return CheckResult("staff directory login", where, False, str(exc))
+    assert directory is not None
+    return CheckResult("staff directory login", where, True,
+                       f"session secret readable; officials log in against {directory.url}")
 
 
 def _shown(config: Config, path: Path) -> str:

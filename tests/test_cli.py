@@ -108,6 +108,26 @@ def servers_config(write_config, slapd, dovecot_old, dovecot_new, smtp_sink, mon
     return write
 
 
+@pytest.mark.parametrize("secret, mode, expected", [
+    ("s" * 40, 0o600, "OK staff directory login file {file}: session secret readable; officials log in against {ldap}"),
+    ("s" * 40, 0o644, "FAILED staff directory login file {file}: session secret file {file} can be read by others: "
+                      "chmod 600 it"),
+    ("short", 0o600, "FAILED staff directory login file {file}: the session secret has 5 characters; it needs at "
+                     "least 32"),
+], ids=["ok", "readable by others", "too short"])
+def test_check_reads_the_staff_directory_session_secret(servers_config, slapd, tmp_path: Path, secret: str, mode: int,
+                                                        expected: str) -> None:
+    path = servers_config()
+    file = tmp_path / "web.secret"
+    file.write_text(secret, encoding="utf-8")
+    file.chmod(mode)
+    path.write_text(path.read_text(encoding="utf-8") + f'\n[web]\nsession_secret_file = "{file}"\n', encoding="utf-8")
+    code, output = run("check", "-c", str(path))
+    lines = [" ".join(line.split()) for line in output.splitlines()]
+    assert (code, lines[-2]) == (0 if mode == 0o600 and len(secret) >= 32 else 1,
+                                 expected.format(file=file, ldap=f"ldap://127.0.0.1:{slapd.port}"))
+
+
 def test_check_real_servers_all_ok(servers_config, slapd, dovecot_old, dovecot_new, smtp_sink) -> None:
     code, output = run("check", "-c", str(servers_config()))
     ldap = f"ldap://127.0.0.1:{slapd.port}"

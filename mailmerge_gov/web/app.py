@@ -119,6 +119,12 @@ def _local_path(value: str) -> str:
 
 def app_from_config(config: Config) -> Starlette:
     """The site as the consolidation file's [web] table and [target.directory] describe it; WebSetupError if not."""
+    directory, secret = login_setup(config)
+    return create_app(index_path(config.state_file), settings=config.web, directory=directory, session_secret=secret)
+
+
+def login_setup(config: Config) -> tuple[LdapServer | None, str | None]:
+    """The directory officials log in against and the session secret (both None: no login); WebSetupError if unusable."""
     settings = config.web
     target = config.target.directory
     directory = target.ldap if target is not None and target.kind == "ldap" else None
@@ -134,9 +140,11 @@ def app_from_config(config: Config) -> Starlette:
             secret = settings.session_secret.reveal()
         except SecretError as exc:
             raise WebSetupError(f"the session secret cannot be read: {exc}") from None
+        if len(secret) < MIN_SECRET:
+            raise WebSetupError(f"the session secret has {len(secret)} characters; it needs at least {MIN_SECRET}")
         if not (directory.use_ssl or directory.starttls) and directory.host not in ("127.0.0.1", "::1", "localhost"):
             log.warning("officials' passwords go to %s without TLS: use ldaps:// or starttls = true", directory.url)
-    return create_app(index_path(config.state_file), settings=settings, directory=directory, session_secret=secret)
+    return directory, secret
 
 
 def create_app(index: Path, *, settings: WebConfig | None = None, directory: LdapServer | None = None,
