@@ -46,7 +46,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tests' private slapd (tests/ is n
 
 import generate_example as generator  # noqa: E402  (this folder: the example's generator)
 from benchtable import Row, megabytes, print_rows, run_child, verdict  # noqa: E402  (this folder)
-from servers import SlapdServer, ldif_dn, ldif_entries, require_program  # noqa: E402
+from servers import SlapdServer, ldif_dn, ldif_entries, require_program, slapd_version  # noqa: E402
 
 from mailmerge_gov.config import load_config  # noqa: E402
 from mailmerge_gov.store import open_store  # noqa: E402
@@ -295,8 +295,7 @@ def benchmark(folder: Path, scale: int, seed: int) -> list[Row]:
 
 def print_table(rows: list[Row], scale: int) -> None:
     """Print the figures side by side."""
-    slapd = subprocess.run([require_program("slapd", "slapd"), "-VV"], capture_output=True, text=True)
-    version = (slapd.stderr or slapd.stdout).splitlines()[0].split("$OpenLDAP:")[-1].strip(" $")
+    version = slapd_version()
     print(f"\nmailmerge-gov directory benchmark: {scale:,} officials, {os.cpu_count()} cores, "
           f"Python {platform.python_version()}, {version}, slapd.conf tuning: {', '.join(SLAPD_TUNING)}")
     print_rows(rows)

@@ -51,7 +51,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tests' private slapd (tests/ is n
 import generate_example as generator  # noqa: E402  (this folder: the example's generator)
 from bench_directory import example_config, toml_table  # noqa: E402  (this folder)
 from benchtable import Row, megabytes, print_rows, run_child, verdict  # noqa: E402  (this folder)
-from servers import SlapdServer, free_port, require_program  # noqa: E402
+from servers import SlapdServer, free_port, require_program, slapd_version  # noqa: E402
 
 from mailmerge_gov.config import load_config  # noqa: E402
 from mailmerge_gov.vietnamese import fold, split_name  # noqa: E402
@@ -394,8 +394,7 @@ def benchmark(folder: Path, scale: int, count: int, clients: int, seed: int) -> 
 
 def print_table(rows: list[Row], scale: int, count: int, clients: int) -> None:
     """Print the figures side by side."""
-    slapd = subprocess.run([require_program("slapd", "slapd"), "-VV"], capture_output=True, text=True)
-    version = (slapd.stderr or slapd.stdout).splitlines()[0].split("$OpenLDAP:")[-1].strip(" $")
+    version = slapd_version()
     load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
     print(f"\nmailmerge-gov search benchmark: {scale:,} officials, {count:,} queries, {clients} clients, "
           f"{os.cpu_count()} cores, Python {platform.python_version()}, {version}, load average at the end {load}")

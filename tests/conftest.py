@@ -10,7 +10,8 @@ import pytest
 
 # tests/ has no __init__.py, so pytest puts tests/ itself on sys.path ("prepend" import mode)
 import configs
-from servers import DovecotServer, ServerNotInstalled, SlapdServer, SmtpSink, free_port as pick_free_port
+from servers import (DovecotServer, ServerNotInstalled, SlapdServer, SmtpSink, free_port as pick_free_port,
+                     uvicorn_in_thread)
 
 TESTS_DIR = Path(__file__).resolve().parent
 
@@ -200,28 +201,10 @@ def web_index(tmp_path_factory: pytest.TempPathFactory, example_dir: Path) -> Pa
 @pytest.fixture(scope="session")
 def web_server(web_index: Path) -> Iterator[str]:
     """The web application served by a real uvicorn on a free loopback port; yields its base URL."""
-    import threading
-    import time
-
-    import uvicorn
-
     from mailmerge_gov.web import create_app
 
-    port = pick_free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(web_index), host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="off"))
-    thread = threading.Thread(target=server.run, name="uvicorn-web", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail(f"uvicorn did not start on 127.0.0.1:{port}", pytrace=False)
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with uvicorn_in_thread(create_app(web_index), "uvicorn-web") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

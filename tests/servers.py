@@ -8,6 +8,7 @@ shared/server-notes.md ("the notes" below).
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import ctypes
 import json
@@ -24,7 +25,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -886,3 +887,31 @@ class Relay:
         while len(self.records) < count and time.monotonic() < deadline:
             time.sleep(0.01)
         return self.records
+
+
+@contextlib.contextmanager
+def uvicorn_in_thread(app: object, name: str) -> Iterator[str]:
+    """Serve an ASGI app with a real uvicorn on a free loopback port in a thread; yield its base URL, then stop it."""
+    import uvicorn  # the web stack only for the tests that serve it
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, name=name, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 15
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"uvicorn did not start on 127.0.0.1:{port}")
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def slapd_version() -> str:
+    """slapd's version as `slapd -VV` prints it, for a benchmark's heading."""
+    slapd = subprocess.run([require_program("slapd", "slapd"), "-VV"], capture_output=True, text=True)
+    return (slapd.stderr or slapd.stdout).splitlines()[0].split("$OpenLDAP:")[-1].strip(" $")

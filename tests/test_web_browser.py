@@ -33,11 +33,8 @@ def page(browser: Browser) -> Iterator[Page]:
 def login_server(web_ldap, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The site with its login, against the slapd of web_ldap, served by uvicorn on a loopback port."""
     import dataclasses
-    import threading
-    import time
 
-    import uvicorn
-    from servers import free_port
+    from servers import uvicorn_in_thread
 
     from mailmerge_gov.config import Secret, load_config
     from mailmerge_gov.web import app_from_config
@@ -48,21 +45,8 @@ def login_server(web_ldap, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     secret.chmod(0o600)
     config = load_config(config_path)
     config = dataclasses.replace(config, web=dataclasses.replace(config.web, session_secret=Secret(file=secret)))
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app_from_config(config), host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="off"))
-    thread = threading.Thread(target=server.run, name="uvicorn-web-login", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 15
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            pytest.fail(f"uvicorn did not start on 127.0.0.1:{port}", pytrace=False)
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with uvicorn_in_thread(app_from_config(config), "uvicorn-web-login") as url:
+        yield url
 
 
 def no_horizontal_scroll(page: Page) -> bool:
