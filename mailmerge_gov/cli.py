@@ -37,6 +37,7 @@ from mailmerge_gov.directory.draft import draft_structure
 from mailmerge_gov.forwarding.addressmap import MapError
 from mailmerge_gov.forwarding.daemon import RelayError, explain, prepare, run
 from mailmerge_gov.forwarding.srs import SrsError
+from mailmerge_gov.forwarding.workers import LineHandler
 from mailmerge_gov.migration.batch import JobsError, read_jobs_csv, run_jobs, verify_jobs
 from mailmerge_gov.migration.protocol import MailboxError
 from mailmerge_gov.migration.report import mailbox_reports, server_waits, write_migration_report
@@ -617,6 +618,8 @@ def relay_serve(config_path: Path) -> None:
     address map, SRS secrets and TLS certificate (a bad map is refused and the old one kept);
     SIGTERM stops accepting and lets open sessions finish within [relay] shutdown_timeout.
     With [relay] metrics_listen, GET /metrics on that address shows the counters.
+    With [relay] workers above 1 ("auto": one per CPU), a parent process listens and that
+    many worker processes serve, sharing the connection limits and the counters.
     """
     config = read_config(config_path)
     try:
@@ -624,17 +627,19 @@ def relay_serve(config_path: Path) -> None:
     except RELAY_ERRORS as exc:
         raise click.ClickException(str(exc)) from exc
     logger = logging.getLogger("mailmerge_gov.forwarding")
-    stream = logging.StreamHandler(sys.stderr)
+    stream = LineHandler(sys.stderr)  # whole lines, one write() each: several worker processes share stderr
     stream.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(stream)
     logger.setLevel(logging.INFO)
     logger.propagate = False
     try:
-        run(prepared)
+        status = run(prepared)
     except RelayError as exc:
         raise click.ClickException(str(exc)) from exc
     finally:
         logger.removeHandler(stream)
+    if status:
+        raise SystemExit(status)
 
 
 @relay.command("check")

@@ -274,6 +274,7 @@ class Relay:
     arc_selector: str | None = None  # ARC seal (RFC 8617): the three arc_* keys together, or none of them
     arc_domain: str | None = None
     arc_key_file: Path | None = None  # RSA private key (PEM) whose public half is at selector._domainkey.domain
+    workers: int | str = "auto"  # relay processes on the one listening socket; "auto": one per CPU it may use
 
     @property
     def next_hop_host(self) -> str:
@@ -968,7 +969,19 @@ def _read_relay_hardening(table: _Table) -> dict[str, Any]:
             "arc_key_file": table.path_value("arc_key_file"),
             "tls_cert_file": cert, "tls_key_file": key, "require_tls": require_tls,
             "max_connections": max_connections, "max_connections_per_ip": per_ip,
-            "metrics_listen": _host_port(table, "metrics_listen", metrics) if metrics is not None else None}
+            "metrics_listen": _host_port(table, "metrics_listen", metrics) if metrics is not None else None,
+            "workers": _workers(table)}
+
+
+def _workers(table: _Table) -> int | str:
+    """[relay] workers: an integer of at least 1, or "auto" (the default)."""
+    table.seen.add("workers")
+    value = table.data.get("workers", "auto")
+    if value == "auto":
+        return "auto"
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 256:
+        return value
+    raise table.error("workers", f'must be "auto" or an integer from 1 to 256, got {_describe(value)}')
 
 
 def _host_port(table: _Table, key: str, value: str) -> tuple[str, int]:

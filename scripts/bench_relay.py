@@ -2,7 +2,8 @@
 """Benchmark of the forwarding relay next to a Postfix forwarder: smtp-source -> forwarder -> smtp-sink.
 
 Usage: python scripts/bench_relay.py [--messages N] [--size BYTES] [--sessions N] [--big-messages N]
-                                     [--big-size BYTES] [--big-sessions N] [--addresses N] [--profile] [--keep]
+                                     [--big-size BYTES] [--big-sessions N] [--addresses N] [--workers N|auto]
+                                     [--profile] [--keep]
 
 A measurement, not a test: it prints a table of figures with a verdict per target and exits 0 whether the
 targets are met or not (1 only when a step fails outright: a program missing, a server that does not start, a
@@ -13,8 +14,13 @@ Both forwarders get the same address map of N old addresses (10,000 by default) 
 Postfix smtp-sink each run (no dump files: it only counts, with -c). The client is Postfix's smtp-source, one
 recipient per message, an old address of the map, a new SMTP session per message (its default; the variant
 with -d, one session per thread for all its messages, is measured too).
-- the relay: `mailmerge-gov relay serve` in a child process of its own for each run (so that its peak RSS, from
-  wait4, is that run's), listening on loopback, no SRS (Postfix does none either), log lines to a file.
+- the relay: `mailmerge-gov relay serve` in a child process of its own for each run, listening on loopback, no
+  SRS (Postfix does none either), log lines to a file, with its default [relay] workers ("auto": one worker
+  process per CPU; --workers sets it). Its memory is the sum over its processes (parent and workers), sampled
+  every 0.1 s, RSS and PSS, and at least the largest single process's peak from wait4.
+- CPU: the CPU seconds each program used during the run (the forwarder's processes sampled from /proc,
+  smtp-source and smtp-sink from wait4), and what share of all the cores they kept busy together: on a small
+  machine the client and the sink compete with the forwarder for the same cores.
 - Postfix: a private instance as root (main.cf/master.cf in a temporary folder, `postfix -c DIR start-fg`), its
   map in virtual_alias_maps (hash:, postmap), every other domain through smtp:[127.0.0.1]:SINK: the old domains
   are virtual alias domains, so a message is accepted into Postfix's queue (fsync'd) and then delivered. Its
@@ -91,7 +97,10 @@ class Result:
     client_seconds: float  # smtp-source's own run: until the forwarder had accepted the last message
     delivered: int
     peak_rss: int  # bytes
-    peak_pss: int | None = None  # bytes; Postfix only (several processes)
+    peak_pss: int | None = None  # bytes: the sum over the forwarder's processes (sampled)
+    cpu: tuple[float, float, float] = (0.0, 0.0, 0.0)  # CPU seconds of the forwarder, smtp-source, smtp-sink
+    workers: int | None = None  # the relay's worker processes (from its "listening" log line)
+    load: float = 0.0  # the 1-minute load average when the run began
 
 
 # --- the sink ----------------------------------------------------------------------------------------------------
@@ -120,9 +129,9 @@ class CountingSink:
             found = re.findall(rb"mesg=(\d+)", data.read())
         return int(found[-1]) if found else 0
 
-    def stop(self) -> None:
-        """Stop it by its pid."""
-        stop_process(self.proc)
+    def stop(self) -> float:
+        """Stop it by its pid; its CPU seconds (wait4)."""
+        return stop_process(self.proc)
 
 
 # --- the forwarders ----------------------------------------------------------------------------------------------
@@ -140,13 +149,18 @@ def write_map(folder: Path, addresses: int) -> tuple[Path, list[tuple[str, str]]
 class RelayChild:
     """`mailmerge-gov relay serve` in a child process, optionally under cProfile."""
 
-    def __init__(self, folder: Path, name: str, sink_port: int, profile_to: Path | None = None) -> None:
+    def __init__(self, folder: Path, name: str, sink_port: int, profile_to: Path | None = None,
+                 workers: str | None = None) -> None:
         self.port = free_port()
         config = folder / f"{name}.toml"
         # Connection limits as high as Postfix's (100 smtpd processes): smtp-source opens a new session per
         # message from one IP address, and a closing session may still count for a moment.
         limits = ("max_connections = 1000\nmax_connections_per_ip = 1000\n"
                   if has_field(Relay, "max_connections") else "")
+        if profile_to is not None and has_field(Relay, "workers"):
+            workers = "1"  # cProfile sees only the process it runs: the relay in one process
+        if workers is not None:
+            limits += f"workers = {workers if workers.isdigit() else repr(workers)}\n"  # else "auto", the default
         config.write_text(configs.FILES_ONLY + "\n[relay]\n"
                           f'listen = "{LOOPBACK}:{self.port}"\nhostname = "relay.test"\nmap = "map.csv"\n'
                           f'next_hop = "smtp://{LOOPBACK}:{sink_port}"\nshutdown_timeout = 10\n' + limits,
@@ -160,9 +174,11 @@ class RelayChild:
             self.proc = subprocess.Popen([*python, "-m", "mailmerge_gov", "relay", "serve", "-c", str(config)],
                                          cwd=folder, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         wait_for(lambda: read_banner(self.port).startswith(b"220"), self.proc, "the relay", self.log)
+        listening = re.search(rb'"event": "listening".*?"workers": (\d+)', self.log.read_bytes())
+        self.workers = int(listening.group(1)) if listening else 1
 
     def stop(self) -> int:
-        """SIGTERM (the relay drains and exits), then return its peak RSS in bytes (wait4)."""
+        """SIGTERM (the relay drains and exits), then return the peak RSS of its largest process in bytes (wait4)."""
         self.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 30
         while True:
@@ -180,8 +196,8 @@ class RelayChild:
         return usage.ru_maxrss * 1024  # Linux gives ru_maxrss in KiB
 
     def pids(self) -> list[int]:
-        """The relay's process."""
-        return [self.proc.pid]
+        """The relay's processes: the parent and its workers."""
+        return descendants(self.proc.pid)
 
 
 MASTER_CF = """\
@@ -304,15 +320,23 @@ def wait_for(ready: Callable[[], bool], proc: subprocess.Popen[bytes], what: str
         time.sleep(0.01)
 
 
-def stop_process(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM by pid, SIGKILL after 5 s."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
+def stop_process(proc: subprocess.Popen[bytes]) -> float:
+    """SIGTERM by pid, SIGKILL after 5 s; its CPU seconds (wait4; 0 when it had been reaped already)."""
+    if proc.poll() is not None:
+        return 0.0
+    proc.terminate()
+    deadline = time.monotonic() + 5
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
             proc.kill()
-            proc.wait()
+            _, status, usage = os.wait4(proc.pid, 0)
+            break
+        time.sleep(0.01)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run(args: list[str], what: str) -> str:
@@ -356,30 +380,55 @@ def memory(pids: list[int]) -> tuple[int, int]:
     return rss, pss
 
 
+def cpu_ticks(pids: list[int]) -> dict[int, int]:
+    """User + system clock ticks of each process so far."""
+    ticks = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        ticks[pid] = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return ticks
+
+
 class Sampler(threading.Thread):
-    """Sample the memory of a set of processes every 0.1 s; keep the peaks."""
+    """Sample the memory and CPU time of a set of processes every 0.1 s; keep the peaks and the CPU used."""
 
     def __init__(self, pids: Callable[[], list[int]]) -> None:
         super().__init__(daemon=True)
         self.pids = pids
         self.peak_rss = self.peak_pss = 0
         self.done = threading.Event()
+        self.baseline = cpu_ticks(pids())  # what they had used before the run
+        self.ticks = dict(self.baseline)  # last seen, per process (a process that exits keeps its last sample)
 
     def run(self) -> None:
         while not self.done.wait(0.1):
-            rss, pss = memory(self.pids())
-            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+            self.sample()
+
+    def sample(self) -> None:
+        pids = self.pids()
+        rss, pss = memory(pids)
+        self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
+        self.ticks.update(cpu_ticks(pids))
+
+    @property
+    def cpu(self) -> float:
+        """CPU seconds the processes used since the sampler was made."""
+        return (sum(self.ticks.values()) - sum(self.baseline.values())) / os.sysconf("SC_CLK_TCK")
 
     def stop(self) -> None:
         self.done.set()
         self.join()
+        self.sample()
 
 
 # --- one run -----------------------------------------------------------------------------------------------------
 
 
-def send(port: int, load: Load, recipient: str, folder: Path, name: str) -> float:
-    """smtp-source to a forwarder; return its wall time; RuntimeError when it gives up."""
+def send(port: int, load: Load, recipient: str, folder: Path, name: str) -> tuple[float, float]:
+    """smtp-source to a forwarder; return its wall time and CPU seconds; RuntimeError when it gives up."""
     args = [require_program("smtp-source", "postfix"), "-s", str(load.sessions), "-m", str(load.messages),
             "-l", str(load.size), "-f", SENDER, "-t", recipient, "-M", "client.test", "-S", "bench"]
     if load.reuse:
@@ -387,12 +436,14 @@ def send(port: int, load: Load, recipient: str, folder: Path, name: str) -> floa
     log = folder / f"{name}.source.log"
     began = time.perf_counter()
     with log.open("wb") as out:
-        result = subprocess.run([*args, f"{LOOPBACK}:{port}"], stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, timeout=RUN_TIMEOUT)
+        source = subprocess.Popen([*args, f"{LOOPBACK}:{port}"], stdout=out, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL)
+        _, status, usage = os.wait4(source.pid, 0)
     seconds = time.perf_counter() - began
-    if result.returncode != 0:
-        raise RuntimeError(f"smtp-source to port {port} ({name}) failed with code {result.returncode}:\n{tail(log)}")
-    return seconds
+    source.returncode = code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        raise RuntimeError(f"smtp-source to port {port} ({name}) failed with code {code}:\n{tail(log)}")
+    return seconds, usage.ru_utime + usage.ru_stime
 
 
 def wait_delivered(sink: CountingSink, count: int, began: float, name: str) -> float:
@@ -405,23 +456,27 @@ def wait_delivered(sink: CountingSink, count: int, began: float, name: str) -> f
     return time.perf_counter() - began
 
 
-def run_relay(folder: Path, load: Load, recipient: str, profile_to: Path | None = None) -> Result:
+def run_relay(folder: Path, load: Load, recipient: str, profile_to: Path | None = None,
+              workers: str | None = None) -> Result:
     """One run through a fresh relay child."""
     name = f"relay-{load.name}" + ("-profiled" if profile_to else "")
     sink = CountingSink(folder, name)
     relay = None
     try:
-        relay = RelayChild(folder, name, sink.port, profile_to)
+        relay = RelayChild(folder, name, sink.port, profile_to, workers)
+        load_average = os.getloadavg()[0]
         sampler = Sampler(relay.pids)
         sampler.start()
         began = time.perf_counter()
-        client = send(relay.port, load, recipient, folder, name)
+        client, source_cpu = send(relay.port, load, recipient, folder, name)
         seconds = wait_delivered(sink, load.messages, began, name)
         sampler.stop()
         delivered = sink.count()
         peak = relay.stop()
+        count = relay.workers
         relay = None
-        return Result(seconds, client, delivered, max(peak, sampler.peak_rss))
+        return Result(seconds, client, delivered, max(peak, sampler.peak_rss), sampler.peak_pss,
+                      (sampler.cpu, source_cpu, sink.stop()), count, load_average)
     finally:
         if relay is not None:
             stop_process(relay.proc)
@@ -435,13 +490,15 @@ def run_postfix(folder: Path, load: Load, recipient: str, pairs: list[tuple[str,
     postfix = None
     try:
         postfix = PostfixForwarder(folder, name, pairs, sink.port)
+        load_average = os.getloadavg()[0]
         sampler = Sampler(postfix.pids)
         sampler.start()
         began = time.perf_counter()
-        client = send(postfix.port, load, recipient, folder, name)
+        client, source_cpu = send(postfix.port, load, recipient, folder, name)
         seconds = wait_delivered(sink, load.messages, began, name)
         sampler.stop()
-        return Result(seconds, client, sink.count(), sampler.peak_rss, sampler.peak_pss)
+        return Result(seconds, client, sink.count(), sampler.peak_rss, sampler.peak_pss,
+                      (sampler.cpu, source_cpu, sink.stop()), None, load_average)
     finally:
         if postfix is not None:
             postfix.stop()
@@ -470,6 +527,13 @@ def figures(label: str, load: Load, result: Result) -> list[Row]:
     else:
         rows.append(Row("     peak RSS / PSS, all processes (sampled)",
                         f"{mb(result.peak_rss)} / {mb(result.peak_pss)}"))
+    if result.workers is not None:
+        rows.append(Row("     worker processes", f"{result.workers}"))
+    forwarder, source, sink = result.cpu
+    cores = os.cpu_count() or 1
+    rows.append(Row("     CPU s: forwarder / smtp-source / smtp-sink", f"{forwarder:.1f} / {source:.1f} / {sink:.1f}",
+                    f"{(forwarder + source + sink) / result.seconds / cores:.0%} of {cores} cores"))
+    rows.append(Row("     load average (1 min) as the run began", f"{result.load:.2f}"))
     return rows
 
 
@@ -491,7 +555,7 @@ def benchmark(folder: Path, args: argparse.Namespace) -> tuple[list[Row], list[L
     missed: list[Load] = []
     for load, title in loads(args):
         print(f"== {title}", flush=True)
-        relay = run_relay(folder, load, recipient)
+        relay = run_relay(folder, load, recipient, workers=args.workers)
         print(f"   relay:   {relay.seconds:.2f} s, peak RSS {mb(relay.peak_rss)}", flush=True)
         postfix = run_postfix(folder, load, recipient, pairs)
         print(f"   postfix: {postfix.seconds:.2f} s", flush=True)
@@ -598,6 +662,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--big-size", type=int, default=1_000_000, help="bytes of each (default 1,000,000)")
     parser.add_argument("--big-sessions", type=int, default=50, help="sessions at once (default 50)")
     parser.add_argument("--addresses", type=int, default=10_000, help="old addresses in the map (default 10,000)")
+    parser.add_argument("--workers", default=None,
+                        help='[relay] workers of the relay (default: not set, so its default, "auto")')
     parser.add_argument("--profile", action="store_true", help="profile the relay even if it meets the target")
     parser.add_argument("--top", type=int, default=30, help="functions listed per profile order (default 30)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, profile)")

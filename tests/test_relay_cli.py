@@ -197,16 +197,17 @@ class Sink:
         return "250 2.0.0 Ok: queued"
 
 
-@pytest.fixture
-def daemon_setup(tmp_path: Path) -> Iterator[tuple[Path, Sink, int]]:
-    """A next hop, and a config for a relay in front of it; yields (config, sink, relay port)."""
+@pytest.fixture(params=[1, 2], ids=["workers=1", "workers=2"])
+def daemon_setup(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Path, Sink, int]]:
+    """A next hop, and a config for a relay in front of it (one process, or two workers); yields (config, sink,
+    relay port)."""
     sink = Sink()
     controller = Controller(sink, hostname=LOOPBACK, port=free_port())
     controller.start()
     port = free_port()
     config = relay_config(tmp_path, f'listen = "{LOOPBACK}:{port}"\nhostname = "relay.test"\nmap = "map.csv"\n'
                                     f'next_hop = "smtp://{LOOPBACK}:{controller.port}"\nnext_hop_timeout = 5\n'
-                                    f'shutdown_timeout = 10\n',
+                                    f'shutdown_timeout = 10\nworkers = {request.param}\n',
                           LIVE_MAP)
     try:
         yield config, sink, port

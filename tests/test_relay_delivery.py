@@ -506,14 +506,15 @@ SHUTDOWN_TIMEOUT = 3.0
 LIVE_MAP = MAP.replace("2026-06-30", "2099-12-31")  # the daemon looks up on the real today
 
 
-def daemon_config(tmp_path: Path, next_hop_port: int, listen_port: int, next_hop_timeout: float = 5.0) -> Path:
+def daemon_config(tmp_path: Path, next_hop_port: int, listen_port: int, next_hop_timeout: float = 5.0,
+                  workers: int = 1) -> Path:
     """A consolidation file whose [relay] listens on `listen_port` and forwards to the next hop."""
     (tmp_path / "map.csv").write_text(LIVE_MAP, encoding="utf-8")
     path = tmp_path / "consolidation.toml"
     path.write_text(configs.FILES_ONLY + "\n[relay]\n"
                     f'listen = "{LOOPBACK}:{listen_port}"\nhostname = "relay.test"\nmap = "map.csv"\n'
                     f'next_hop = "smtp://{LOOPBACK}:{next_hop_port}"\nnext_hop_timeout = {next_hop_timeout}\n'
-                    f"shutdown_timeout = {SHUTDOWN_TIMEOUT}\n", encoding="utf-8")
+                    f"shutdown_timeout = {SHUTDOWN_TIMEOUT}\nworkers = {workers}\n", encoding="utf-8")
     return path
 
 
@@ -552,10 +553,11 @@ def first_line(client: smtplib.SMTP) -> tuple[int, bytes]:
         return 0, b"connection closed"
 
 
-def test_sigterm_with_sessions_in_data_loses_none(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_with_sessions_in_data_loses_none(tmp_path: Path, workers: int) -> None:
     handler = SinkHandler(data_delay=0.3)  # the next hop takes a moment: the relay waits for it during the drain
     next_hop = next_hop_controller(handler)
-    daemon = RelayDaemon(daemon_config(tmp_path, next_hop.port, free_port()))
+    daemon = RelayDaemon(daemon_config(tmp_path, next_hop.port, free_port(), workers=workers))
     try:
         port = int(daemon.event("listening")["address"].rsplit(":", 1)[1])
         finishers = list(range(0, 6))  # finish their message after SIGTERM, within the deadline
@@ -600,11 +602,12 @@ def test_sigterm_with_sessions_in_data_loses_none(tmp_path: Path) -> None:
     assert SHUTDOWN_TIMEOUT - 0.1 <= took <= SHUTDOWN_TIMEOUT + 1.5, took
 
 
-def test_sigterm_while_the_next_hop_is_slower_than_the_deadline(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_while_the_next_hop_is_slower_than_the_deadline(tmp_path: Path, workers: int) -> None:
     # The message is complete and the relay waits for the next hop's answer when the drain deadline passes.
     handler = SinkHandler(data_delay=SHUTDOWN_TIMEOUT + 1.0)
     next_hop = next_hop_controller(handler)
-    daemon = RelayDaemon(daemon_config(tmp_path, next_hop.port, free_port(), next_hop_timeout=10.0))
+    daemon = RelayDaemon(daemon_config(tmp_path, next_hop.port, free_port(), next_hop_timeout=10.0, workers=workers))
     try:
         port = int(daemon.event("listening")["address"].rsplit(":", 1)[1])
         first, rest = sigterm_message(0)

@@ -517,13 +517,15 @@ def test_key_of_another_certificate_is_refused(tmp_path: Path, tls_certificate: 
 # --- relay serve: TLS, limits and metrics from the consolidation file ---------------------------------------------
 
 
-def test_serve_with_tls_and_metrics(tmp_path: Path, sink: Sink, tls_certificate: tuple[Path, Path]) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_with_tls_and_metrics(tmp_path: Path, sink: Sink, tls_certificate: tuple[Path, Path],
+                                    workers: int) -> None:
     port, metrics_port = free_port(), free_port()
     config = relay_config(tmp_path, f'listen = "{LOOPBACK}:{port}"\nhostname = "relay.test"\nmap = "map.csv"\n'
                                     f'next_hop = "smtp://{LOOPBACK}:{sink.port}"\nnext_hop_timeout = 5\n'
                                     f'tls_cert_file = "{tls_certificate[0]}"\ntls_key_file = "{tls_certificate[1]}"\n'
                                     f'require_tls = true\nmax_connections_per_ip = 1\n'
-                                    f'metrics_listen = "{LOOPBACK}:{metrics_port}"\n')
+                                    f'metrics_listen = "{LOOPBACK}:{metrics_port}"\nworkers = {workers}\n')
     proc = subprocess.Popen([sys.executable, "-m", "mailmerge_gov", "relay", "serve", "-c", str(config)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=os.environ.copy(), start_new_session=True)

@@ -66,6 +66,10 @@ class AddressMap:
         """Number of old addresses."""
         return len(self.entries)
 
+    def __reduce__(self) -> tuple[object, tuple[object, ...]]:
+        """Pickle as plain dicts (a reload sends the map to the relay's worker processes; mappingproxy cannot)."""
+        return _rebuild, (dict(self.entries), self.old_domains, self.source, dict(self._by_new))
+
     def lookup(self, address: str, today: dt.date) -> Verdict:
         """Say what happens on `today` to mail sent to `address` (as an SMTP path carries it)."""
         try:
@@ -130,6 +134,12 @@ def parse_map(text: str, source: str, old_domains: Iterable[str] = ()) -> Addres
         by_new.setdefault(entry.new_address, []).append(entry.old_address)
     return AddressMap(MappingProxyType(entries), domains, source,
                       MappingProxyType({new: tuple(sorted(olds)) for new, olds in by_new.items()}))
+
+
+def _rebuild(entries: dict[str, MapEntry], old_domains: frozenset[str], source: str,
+             by_new: dict[str, tuple[str, ...]]) -> AddressMap:
+    """An AddressMap from its pickled parts."""
+    return AddressMap(MappingProxyType(entries), old_domains, source, MappingProxyType(by_new))
 
 
 def _rows(text: str) -> Iterable[tuple[int, list[str]]]:

@@ -155,12 +155,7 @@ async def serve(prepared: Prepared, on_listening: Callable[[str, int], None] | N
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(reload()))
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    log.info("%s", event("listening", address=f"{host}:{port}", addresses=len(handler.address_map),
-                         map=str(config.relay.map), next_hop=config.relay.next_hop,
-                         srs_domain=prepared.srs.domain if prepared.srs else None,
-                         starttls=handler.tls_context is not None, require_tls=prepared.settings.require_tls,
-                         metrics=_address(config.relay.metrics_listen),
-                         arc=f"{prepared.arc.selector}._domainkey.{prepared.arc.domain}" if prepared.arc else None))
+    log.info("%s", listening_event(prepared, 1))
     if on_listening is not None:
         on_listening(host, port)
     try:
@@ -178,17 +173,29 @@ async def serve(prepared: Prepared, on_listening: Callable[[str, int], None] | N
     log.info("%s", event("stopped"))
 
 
-async def _reload(config: Config, handler: RelayHandler) -> None:
-    """Re-read the config, the map and the SRS secrets; swap them in only if all are good."""
-    try:
-        fresh = await asyncio.to_thread(load_config, config.path)
-        address_map = await asyncio.to_thread(load_address_map, fresh)
-        srs = await asyncio.to_thread(load_srs, fresh)
-        tls_context = await asyncio.to_thread(load_tls, fresh)
-        arc = await asyncio.to_thread(load_arc, fresh)
-    except (ConfigError, MapError, SrsError, RelayError) as exc:
-        log.warning("%s", event("reload-failed", reason=str(exc), kept_addresses=len(handler.address_map)))
-        return
+@dataclass(frozen=True)
+class Reloaded:
+    """What SIGHUP re-reads: the config, and the map, SRS secrets, TLS certificate and ARC key it names."""
+
+    config: Config
+    address_map: AddressMap
+    srs: Srs | None
+    tls_context: ssl.SSLContext | None
+    arc: ArcSealer | None
+
+
+RELOAD_ERRORS = (ConfigError, MapError, SrsError, RelayError)
+
+
+def load_reloadable(path: Path) -> Reloaded:
+    """Re-read the config file and what it names; ConfigError, MapError, SrsError or RelayError if any is wrong."""
+    fresh = load_config(path)
+    return Reloaded(fresh, load_address_map(fresh), load_srs(fresh), load_tls(fresh), load_arc(fresh))
+
+
+def swap(handler: RelayHandler, address_map: AddressMap, srs: Srs | None, arc: ArcSealer | None,
+         tls_context: ssl.SSLContext | None) -> None:
+    """Put freshly loaded values in the handler's place."""
     # One attribute assignment each: a lookup running now sees the old map or the new one, never a mix.
     handler.address_map = address_map
     handler.srs = srs
@@ -196,7 +203,28 @@ async def _reload(config: Config, handler: RelayHandler) -> None:
     if handler.tls_context is not None and tls_context is not None:
         # Only a renewal: switching STARTTLS on or off takes a restart (require_tls was checked against it).
         handler.tls_context = tls_context
-    log.info("%s", event("reloaded", addresses=len(address_map), map=str(fresh.relay.map)))
+
+
+def listening_event(prepared: Prepared, workers: int) -> str:
+    """The log line saying that the relay listens, and how it is set up."""
+    config = prepared.config
+    return event("listening", address=f"{config.relay.listen_host}:{config.relay.listen_port}", workers=workers,
+                 addresses=len(prepared.address_map), map=str(config.relay.map), next_hop=config.relay.next_hop,
+                 srs_domain=prepared.srs.domain if prepared.srs else None,
+                 starttls=prepared.tls_context is not None, require_tls=prepared.settings.require_tls,
+                 metrics=_address(config.relay.metrics_listen),
+                 arc=f"{prepared.arc.selector}._domainkey.{prepared.arc.domain}" if prepared.arc else None)
+
+
+async def _reload(config: Config, handler: RelayHandler) -> None:
+    """Re-read the config, the map and the SRS secrets; swap them in only if all are good."""
+    try:
+        fresh = await asyncio.to_thread(load_reloadable, config.path)
+    except RELOAD_ERRORS as exc:
+        log.warning("%s", event("reload-failed", reason=str(exc), kept_addresses=len(handler.address_map)))
+        return
+    swap(handler, fresh.address_map, fresh.srs, fresh.arc, fresh.tls_context)
+    log.info("%s", event("reloaded", addresses=len(fresh.address_map), map=str(fresh.config.relay.map)))
 
 
 def _address(listen: tuple[str, int] | None) -> str | None:
@@ -207,9 +235,15 @@ def _address(listen: tuple[str, int] | None) -> str | None:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def run(prepared: Prepared) -> None:
-    """Serve in the foreground until stopped."""
-    asyncio.run(serve(prepared))
+def run(prepared: Prepared) -> int:
+    """Serve in the foreground until stopped, in one process or several ([relay] workers); the exit status."""
+    from mailmerge_gov.forwarding.workers import Supervisor, worker_count  # it builds on this module
+
+    count = worker_count(prepared.config.relay)
+    if count == 1:
+        asyncio.run(serve(prepared))
+        return 0
+    return Supervisor(prepared, count).run()
 
 
 def explain(config: Config, address: str, day: dt.date) -> list[str]:

@@ -28,6 +28,7 @@ from mailmerge_gov.forwarding.message import (count_received, delivered_to, deli
                                               normalise_line_endings, protocol_name, received_header)
 from mailmerge_gov.forwarding.nexthop import HopReply, NextHop, NextHopPool, NextHopSettings, next_hop_settings
 from mailmerge_gov.forwarding.replies import Reply
+from mailmerge_gov.forwarding.shared import SharedLimits
 from mailmerge_gov.forwarding.smtpdata import TOO_LONG, header_block, read_data, stuff, unstuff
 from mailmerge_gov.forwarding.srs import Srs, SrsError
 
@@ -265,15 +266,19 @@ class RelayHandler:
                  clock: Callable[[], dt.datetime] | None = None,
                  on_transaction: Callable[[TransactionRecord], None] | None = None,
                  tls_context: ssl.SSLContext | None = None, metrics: RelayMetrics | None = None,
-                 arc: ArcSealer | None = None) -> None:
-        """Serve `address_map` (replace the attribute to reload); `clock` gives the local date of lookups."""
+                 arc: ArcSealer | None = None, limits: SharedLimits | None = None) -> None:
+        """Serve `address_map` (replace the attribute to reload); `clock` gives the local date of lookups.
+
+        `limits`: the connection limits counted over several worker processes (counted here when None).
+        """
         self.address_map = address_map
         self.settings = settings
         self.srs = srs
         self.tls_context = tls_context  # inbound STARTTLS; replaced on reload (a renewed certificate)
         self.metrics = metrics or RelayMetrics()
         self.arc = arc  # replaced on reload (a rotated key)
-        self.per_ip: collections.Counter[str] = collections.Counter()
+        self.per_ip: collections.Counter[str] = collections.Counter()  # without `limits` only
+        self.limits = limits
         self.clock = clock or (lambda: dt.datetime.now().astimezone())
         self.on_transaction = on_transaction or (lambda record: log.info("%s", record.as_json()))
         self.sessions: dict[Session, _Session] = {}
@@ -381,17 +386,22 @@ class RelayHandler:
     def connection_opened(self, server: SMTP, client_ip: str) -> Reply | None:
         """Admit a client connection and count it (for the limits and the shutdown drain); the 421 when over a limit."""
         limit = None
-        if len(self.connections) >= self.settings.max_connections:
-            limit = "max_connections"
-        elif self.per_ip[client_ip] >= self.settings.max_connections_per_ip:
-            limit = "max_connections_per_ip"
+        if self.limits is not None:
+            limit, connections, from_client = self.limits.admit(client_ip)  # counted in when admitted
+        else:
+            connections, from_client = len(self.connections), self.per_ip[client_ip]
+            if connections >= self.settings.max_connections:
+                limit = "max_connections"
+            elif from_client >= self.settings.max_connections_per_ip:
+                limit = "max_connections_per_ip"
         if limit is not None:
             self.metrics.add("connections_refused_total", limit)
             log.warning("%s", event("connection-refused", client=client_ip, limit=limit,
-                                    connections=len(self.connections), from_client=self.per_ip[client_ip]))
+                                    connections=connections, from_client=from_client))
             return replies.render(421, "4.7.0", "too_many_connections")
         self.connections.add(server)
-        self.per_ip[client_ip] += 1
+        if self.limits is None:
+            self.per_ip[client_ip] += 1
         self.metrics.add("connections_total")
         self.metrics.add("connections_open")
         return None
@@ -401,9 +411,12 @@ class RelayHandler:
         if server in self.connections:
             self.connections.discard(server)
             self.metrics.add("connections_open", amount=-1)
-            self.per_ip[client_ip] -= 1
-            if self.per_ip[client_ip] <= 0:
-                del self.per_ip[client_ip]  # the counter would otherwise keep every address ever seen
+            if self.limits is not None:
+                self.limits.release(client_ip)
+            else:
+                self.per_ip[client_ip] -= 1
+                if self.per_ip[client_ip] <= 0:
+                    del self.per_ip[client_ip]  # the counter would otherwise keep every address ever seen
         state = self.sessions.pop(session, None) if session is not None else None
         if state is None:
             return

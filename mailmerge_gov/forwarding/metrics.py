@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import socket
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -127,6 +128,11 @@ def _escape(value: str) -> str:
 async def start_metrics_server(metrics: RelayMetrics, host: str, port: int) -> asyncio.Server:
     """Listen on host:port and answer GET /metrics with the metrics; OSError when the address is taken."""
     return await asyncio.start_server(functools.partial(_respond, metrics), host, port, limit=8192)
+
+
+async def start_metrics_server_on(metrics: RelayMetrics, sock: socket.socket) -> asyncio.Server:
+    """Answer GET /metrics on a listening socket bound already (by the parent of the relay's workers)."""
+    return await asyncio.start_server(functools.partial(_respond, metrics), sock=sock, limit=8192)
 
 
 async def _respond(metrics: RelayMetrics, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
