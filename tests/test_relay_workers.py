@@ -327,6 +327,29 @@ def test_a_worker_that_dies_is_restarted(tmp_path: Path, next_hop: tuple[Sink, i
     assert len(sink.messages) == 2
 
 
+def test_a_worker_that_keeps_dying_at_start_waits_longer_each_time(tmp_path: Path, next_hop: tuple[Sink, int]) -> None:
+    _, hop_port = next_hop
+    config, _ = write_config(tmp_path, hop_port)
+    daemon, pids = start(config)
+    try:
+        delays = []
+        pid = pids[1]
+        for _ in range(3):
+            os.kill(pid, signal.SIGKILL)  # at once: within a second of its start
+            died = daemon.event("worker-died")
+            assert (died["worker"], died["pid"]) == (1, pid)
+            delays.append(died["restart_in_seconds"])
+            started = daemon.event("worker-started")
+            assert started["worker"] == 1
+            pid = started["pid"]
+        # twice as long after each death in a row soon after a start (the first kill may come after its first second)
+        assert delays == ([0.0, 1.0, 2.0] if delays[0] == 0.0 else [1.0, 2.0, 4.0])
+        daemon.proc.send_signal(signal.SIGTERM)
+        assert daemon.proc.wait(10) == 0
+    finally:
+        daemon.stop()
+
+
 # --- the log and the addresses -----------------------------------------------------------------------------------
 
 

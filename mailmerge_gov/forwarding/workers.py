@@ -38,6 +38,9 @@ log = logging.getLogger("mailmerge_gov.forwarding")
 SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
 LISTEN_BACKLOG = 100  # asyncio's default, as with one process
 RESTART_DELAY = 1.0  # a worker that dies within this many seconds of its start is restarted only after as long
+# ... and one that does so again and again waits twice as long each time, up to this: a worker that cannot start
+# (a file it needs is gone, memory is short) must not be forked every second for as long as the relay runs
+MAX_RESTART_DELAY = 60.0
 RELOAD_TIMEOUT = 30.0  # seconds each worker has to answer a reload
 ACCEPT_RETRY = 1.0  # seconds without accepting after running out of file descriptors (as asyncio does)
 
@@ -284,6 +287,7 @@ class Supervisor:
         self.count = count
         self.workers: dict[int, _Worker] = {}
         self.restarts: dict[int, float] = {}  # worker index -> when to start it again
+        self.quick_deaths: dict[int, int] = {}  # worker index -> deaths in a row each soon after its start
         self.listeners: list[socket.socket] = []
         self.metrics_listeners: list[socket.socket] = []
         self.state: SharedState | None = None
@@ -381,7 +385,12 @@ class Supervisor:
                 continue
             how = {"signal": signal.Signals(-code).name} if code < 0 else {"exit_code": code}
             now = time.monotonic()
-            delay = RESTART_DELAY if now - worker.started < RESTART_DELAY else 0.0
+            if now - worker.started < RESTART_DELAY:
+                quick = self.quick_deaths[worker.index] = self.quick_deaths.get(worker.index, 0) + 1
+                delay = min(RESTART_DELAY * 2 ** (quick - 1), MAX_RESTART_DELAY)
+            else:
+                self.quick_deaths.pop(worker.index, None)
+                delay = 0.0
             log.error("%s", event("worker-died", worker=worker.index, pid=pid, **how, restart_in_seconds=delay))
             self.restarts[worker.index] = now + delay
         return ended
