@@ -915,3 +915,15 @@ def slapd_version() -> str:
     """slapd's version as `slapd -VV` prints it, for a benchmark's heading."""
     slapd = subprocess.run([require_program("slapd", "slapd"), "-VV"], capture_output=True, text=True)
     return (slapd.stderr or slapd.stdout).splitlines()[0].split("$OpenLDAP:")[-1].strip(" $")
+
+
+def relay_in_thread(make_handler: Callable[[Callable[[Any], None]], Any], controllers: list[Any]) -> Relay:
+    """Start a relay in a thread on a free loopback port with the handler make_handler(log) builds; its log is kept."""
+    from mailmerge_gov.forwarding.handler import relay_controller
+
+    records: list[Any] = []
+    handler = make_handler(records.append)
+    controller = relay_controller(handler, LOOPBACK, free_port())
+    controller.start()
+    controllers.append(controller)  # the caller stops them
+    return Relay(controller.port, handler, controller, records)

@@ -33,10 +33,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from conftest import started
 from mailmerge_gov.forwarding.addressmap import AddressMap, parse_map
-from mailmerge_gov.forwarding.handler import (RelayController, RelayHandler, RelaySettings, TransactionRecord,
-                                              relay_controller)
+from mailmerge_gov.forwarding.handler import RelayController, RelayHandler, RelaySettings
 from mailmerge_gov.forwarding.nexthop import NextHopSettings
-from servers import LOOPBACK, Relay, RelayDaemon, SmtpSink, free_port, require_program
+from servers import LOOPBACK, Relay, RelayDaemon, SmtpSink, free_port, relay_in_thread, require_program
 
 OLD_DOMAINS = ("binhduong.gov.vn", "brvt.gov.vn")
 # 20 officials: the load test spreads its messages over them
@@ -124,12 +123,8 @@ def start_relay(address_map: AddressMap) -> Iterator[Callable[..., Relay]]:
         settings = RelaySettings(
             next_hop=NextHopSettings(LOOPBACK, next_hop_port, timeout=next_hop_timeout, local_hostname="relay.test"),
             hostname="relay.test", **{"max_message_size": 1_000_000, **limits})
-        records: list[TransactionRecord] = []
-        handler = RelayHandler(address_map, settings, None, clock=lambda: NOW, on_transaction=records.append)
-        controller = relay_controller(handler, LOOPBACK, free_port())
-        controller.start()
-        controllers.append(controller)
-        return Relay(controller.port, handler, controller, records)
+        return relay_in_thread(
+            lambda log: RelayHandler(address_map, settings, None, clock=lambda: NOW, on_transaction=log), controllers)
 
     yield start
     for controller in controllers:

@@ -15,10 +15,10 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from conftest import started
 from mailmerge_gov.forwarding.addressmap import AddressMap, parse_map
-from mailmerge_gov.forwarding.handler import (RelayHandler, RelaySettings, TransactionRecord, relay_controller)
+from mailmerge_gov.forwarding.handler import RelayHandler, RelaySettings, TransactionRecord
 from mailmerge_gov.forwarding.nexthop import NextHopSettings
 from mailmerge_gov.forwarding.srs import Srs
-from servers import LOOPBACK, Relay, SmtpSink, free_port
+from servers import LOOPBACK, Relay, SmtpSink, free_port, relay_in_thread
 
 OLD_DOMAINS = ("binhduong.gov.vn", "brvt.gov.vn")
 MAP = """\
@@ -130,13 +130,10 @@ def start_relay(address_map: AddressMap) -> Iterator[Callable[..., Relay]]:
         settings = RelaySettings(
             next_hop=NextHopSettings(LOOPBACK, next_hop_port, timeout=next_hop_timeout, local_hostname="relay.test"),
             hostname="relay.test", **{"max_recipients": 3, "max_hops": 5, "max_message_size": 100_000, **limits})
-        records: list[TransactionRecord] = []
         srs_value = Srs(SRS_DOMAIN, SECRETS, exempt_domains=frozenset(OLD_DOMAINS + ("hcm.gov.vn",))) if srs else None
-        handler = RelayHandler(address_map, settings, srs_value, clock=lambda: NOW, on_transaction=records.append)
-        controller = relay_controller(handler, LOOPBACK, free_port())
-        controller.start()
-        controllers.append(controller)
-        return Relay(controller.port, handler, controller, records)
+        return relay_in_thread(
+            lambda log: RelayHandler(address_map, settings, srs_value, clock=lambda: NOW, on_transaction=log),
+            controllers)
 
     yield start
     for controller in controllers:

@@ -13,9 +13,9 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from mailmerge_gov.forwarding.addressmap import parse_map
-from mailmerge_gov.forwarding.handler import RelayHandler, RelaySettings, TransactionRecord, relay_controller
+from mailmerge_gov.forwarding.handler import RelayHandler, RelaySettings
 from mailmerge_gov.forwarding.nexthop import NextHopSettings
-from servers import LOOPBACK, Relay, free_port
+from servers import LOOPBACK, Relay, free_port, relay_in_thread
 
 MAP = """\
 old_address,new_address,valid_until
@@ -100,13 +100,9 @@ def start_relay() -> Iterator[Callable[..., Relay]]:
     def start(port: int, **pool: Any) -> Relay:
         settings = RelaySettings(next_hop=NextHopSettings(LOOPBACK, port, timeout=2.0, local_hostname="relay.test",
                                                           **pool), hostname="relay.test")
-        records: list[TransactionRecord] = []
-        handler = RelayHandler(parse_map(MAP, "map.csv", ("binhduong.gov.vn",)), settings,
-                               on_transaction=records.append)
-        controller = relay_controller(handler, LOOPBACK, free_port())
-        controller.start()
-        controllers.append(controller)
-        return Relay(controller.port, handler, controller, records)
+        return relay_in_thread(
+            lambda log: RelayHandler(parse_map(MAP, "map.csv", ("binhduong.gov.vn",)), settings, on_transaction=log),
+            controllers)
 
     yield start
     for controller in controllers:
