@@ -284,26 +284,8 @@ def test_logins_and_errors_name_the_server_and_mailbox_never_the_password(ews_ol
     assert ews_old.requests[-1] == ("FindFolder", "thuong@binhduong.gov.vn", None)  # no impersonation header
 
 
-@pytest.fixture(scope="module")
-def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1, made by the openssl command: (certificate, key)."""
-    import subprocess
-
-    from servers import ServerNotInstalled, require_program
-
-    try:
-        openssl = require_program("openssl", "openssl")
-    except ServerNotInstalled as exc:
-        pytest.fail(str(exc), pytrace=False)
-    folder = tmp_path_factory.mktemp("ews-tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                    "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=mail.hcm.gov.vn",
-                    "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
-    return cert, key
-
-
-def test_https_is_verified_against_the_configured_ca_file(certificate: tuple[Path, Path], tmp_path: Path) -> None:
+def test_https_is_verified_against_the_configured_ca_file(tls_certificate: tuple[Path, Path], tmp_path: Path) -> None:
+    certificate = tls_certificate  # conftest's: made for relay.test and 127.0.0.1
     server = EwsServer(tmp_path / "ews", tls=certificate).start()
     try:
         server.add_user(SVC_NEW, PW_NEW, impersonation=True)
@@ -879,15 +861,20 @@ def test_an_expired_or_broken_sync_state_falls_back_to_a_full_listing(ews_old: E
 
 # ------------------------------------------------------------------------- altered by the server
 
-def test_verify_says_altered_by_the_server_and_still_finds_a_missing_message(example_dir: Path, ews_new: EwsServer,
-                                                                             tmp_path: Path, state) -> None:
+def maildir_to_rewriting_ews(example_dir: Path, ews_new: EwsServer, tmp_path: Path):
+    """A job from a copy of an example Maildir into an EWS mailbox whose server rewrites MIME: (job, source, sink)."""
     root = tmp_path / "mail"
     shutil.copytree(example_dir / "sources" / "baria-vungtau" / "mail" / BOX, root / BOX)
     ews_new.add_mailbox("quangtq@hcm.gov.vn")
     ews_new.rewrite_mime = True
     new = ews_mail(ews_new, tmp_path, SVC_NEW, PW_NEW)
     job = MailboxJob("baria-vungtau", BOX, "quangtq@hcm.gov.vn")
-    source, sink = (lambda: open_maildir(root, BOX)), (lambda: open_ews(new, "quangtq@hcm.gov.vn"))
+    return job, (lambda: open_maildir(root, BOX)), (lambda: open_ews(new, "quangtq@hcm.gov.vn"))
+
+
+def test_verify_says_altered_by_the_server_and_still_finds_a_missing_message(example_dir: Path, ews_new: EwsServer,
+                                                                             tmp_path: Path, state) -> None:
+    job, source, sink = maildir_to_rewriting_ews(example_dir, ews_new, tmp_path)
     assert migrate_mailbox(job, source, sink, state).copied == 30
     inbox = [i for i in ews_new.items.values() if ews_new.folders[i.folder].distinguished == "inbox"]
     rewritten = ews_new.mime(inbox[0].id)
@@ -909,13 +896,7 @@ def test_verify_says_altered_by_the_server_and_still_finds_a_missing_message(exa
 
 def test_an_interrupted_batch_to_a_rewriting_server_is_not_copied_twice(example_dir: Path, ews_new: EwsServer,
                                                                        tmp_path: Path, state) -> None:
-    root = tmp_path / "mail"
-    shutil.copytree(example_dir / "sources" / "baria-vungtau" / "mail" / BOX, root / BOX)
-    ews_new.add_mailbox("quangtq@hcm.gov.vn")
-    ews_new.rewrite_mime = True
-    new = ews_mail(ews_new, tmp_path, SVC_NEW, PW_NEW)
-    job = MailboxJob("baria-vungtau", BOX, "quangtq@hcm.gov.vn")
-    source, sink = (lambda: open_maildir(root, BOX)), (lambda: open_ews(new, "quangtq@hcm.gov.vn"))
+    job, source, sink = maildir_to_rewriting_ews(example_dir, ews_new, tmp_path)
     migrate_mailbox(job, source, sink, state)
     # what a kill -9 between the append and its evidence leaves: rows 'appending', the messages in the target,
     # one of which (deleted here) had not landed
