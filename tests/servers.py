@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import datetime as dt
 import ctypes
 import json
 import os
@@ -642,6 +643,23 @@ plugin {{
             stamp = max(time.time(), previous + 1)
             os.utime(tmp, (stamp, stamp))
         os.replace(tmp, path)
+
+    def fill(self, address: str, folders: dict[str, list[tuple[bytes, tuple[str, ...]]]]) -> None:
+        """Create user `address` (password "pw") with these folders of (message, flags), appended over IMAP.
+
+        The messages of a folder get distinct INTERNALDATEs: 3 February 2025, 09:00, 09:01 … in Vietnam.
+        """
+        import imapclient  # the client only for the tests that fill a mailbox
+
+        self.add_user(address, "pw")
+        vietnam = dt.timezone(dt.timedelta(hours=7))
+        with imapclient.IMAPClient(LOOPBACK, port=self.imap_port, ssl=False) as client:
+            client.login(address, "pw")
+            for folder, messages in folders.items():
+                if folder != "INBOX":
+                    client.create_folder(folder)
+                for index, (raw, flags) in enumerate(messages):
+                    client.append(folder, raw, flags=flags, msg_time=dt.datetime(2025, 2, 3, 9, index, tzinfo=vietnam))
 
     def add_user(self, address: str, password: str) -> None:
         """Create `address` (or change its password); a new user can log in and receive mail at once."""

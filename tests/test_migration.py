@@ -40,19 +40,6 @@ def message(subject: str, body: str = "Nội dung thư.", message_id: bool = Tru
     return b"\r\n".join(headers) + b"\r\n\r\n" + body.encode() + b"\r\n"
 
 
-def fill(dovecot: DovecotServer, address: str, folders: dict[str, list[tuple[bytes, tuple[str, ...]]]]) -> None:
-    """Create a user's folders and append messages with flags and distinct INTERNALDATEs."""
-    dovecot.add_user(address, "pw")
-    with imapclient.IMAPClient("127.0.0.1", port=dovecot.imap_port, ssl=False) as client:
-        client.login(address, "pw")
-        for folder, messages in folders.items():
-            if folder != "INBOX":
-                client.create_folder(folder)
-            for index, (raw, flags) in enumerate(messages):
-                when = dt.datetime(2025, 2, 3, 9, index, tzinfo=dt.timezone(dt.timedelta(hours=7)))
-                client.append(folder, raw, flags=flags, msg_time=when)
-
-
 def contents(dovecot: DovecotServer, address: str) -> dict[str, list[tuple[bytes, tuple[bytes, ...], dt.datetime]]]:
     """Every folder of a mailbox: its messages' raw bytes, flags and INTERNALDATE, sorted."""
     out = {}
@@ -76,7 +63,7 @@ def mailboxes(dovecot_old, dovecot_new, tmp_path):
     number = next(_numbers)
     source, target = f"an{number}@binhduong.gov.vn", f"an.nguyen{number}@hcm.gov.vn"
     twin = message("Giấy mời họp")
-    fill(dovecot_old, source, {
+    dovecot_old.fill(source, {
         "INBOX": [(twin, ("\\Seen",)), (twin, ("\\Seen",)), (message("Không Message-ID", message_id=False), ()),
                   (message("Khẩn"), ("\\Flagged", "$Label1"))],
         "Văn bản đến/2024": [(message("Công văn 12/UBND"), ("\\Seen", "\\Answered"))],
@@ -164,7 +151,7 @@ def test_an_over_quota_target_fails_the_mailbox_and_the_next_run_finishes_it(dov
     quota.start()
     try:
         source, target = "quota.src@binhduong.gov.vn", "quota.dst@hcm.gov.vn"
-        fill(dovecot_old, source, {"INBOX": [(message(f"Thư {i}", "x" * 3000), ()) for i in range(8)]})
+        dovecot_old.fill(source, {"INBOX": [(message(f"Thư {i}", "x" * 3000), ()) for i in range(8)]})
         quota.quotas[target] = "10K"
         quota.add_user(target, "pw")
         old, new = imap_server(dovecot_old, tmp_path), imap_server(quota, tmp_path)
@@ -186,7 +173,7 @@ def test_a_message_over_the_size_limit_is_skipped_and_listed(dovecot_old, tmp_pa
     small.start()
     try:
         source, target = "big.src@binhduong.gov.vn", "big.dst@hcm.gov.vn"
-        fill(dovecot_old, source, {"INBOX": [(message("Nhỏ"), ()), (message("Lớn", "y" * 40000), ())]})
+        dovecot_old.fill(source, {"INBOX": [(message("Nhỏ"), ()), (message("Lớn", "y" * 40000), ())]})
         small.add_user(target, "pw")
         old, new = imap_server(dovecot_old, tmp_path), imap_server(small, tmp_path)
         job = MailboxJob("binhduong", source, target)

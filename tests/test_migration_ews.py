@@ -98,18 +98,6 @@ def imap_contents(dovecot: DovecotServer, address: str) -> dict[str, list[tuple[
     return out
 
 
-def fill_imap(dovecot: DovecotServer, address: str, folders: dict[str, list[tuple[bytes, tuple[str, ...]]]]) -> None:
-    """Create a Dovecot user's folders and append messages with flags and distinct INTERNALDATEs."""
-    dovecot.add_user(address, "pw")
-    with imapclient.IMAPClient("127.0.0.1", port=dovecot.imap_port, ssl=False) as client:
-        client.login(address, "pw")
-        for folder, messages in folders.items():
-            if folder != "INBOX":
-                client.create_folder(folder)
-            for index, (raw, flags) in enumerate(messages):
-                client.append(folder, raw, flags=flags, msg_time=at(index))
-
-
 # The old Exchange mailbox the EWS-source tests copy: (folder, raw, flags as IMAP reads them, received).
 TWIN = message("Giấy mời họp")
 OLD_BOX = "an.nguyenvan@binhduong.gov.vn"
@@ -364,7 +352,7 @@ def test_imap_to_exchange(dovecot_old: DovecotServer, ews_new: EwsServer, tmp_pa
         "Drafts": [(message("Bản nháp"), ("\\Seen", "\\Draft"))],
         "Lưu trữ": [(message("Đã chuyển tiếp"), ("\\Seen", "$Forwarded", "$MDNSent"))],
     }
-    fill_imap(dovecot_old, source_box, folders)
+    dovecot_old.fill(source_box, folders)
     ews_new.add_mailbox("an.nguyen@hcm.gov.vn")
     old, new = imap_server(dovecot_old, tmp_path), ews_mail(ews_new, tmp_path, SVC_NEW, PW_NEW)
     job = MailboxJob("binhduong", source_box, "an.nguyen@hcm.gov.vn")
@@ -511,7 +499,7 @@ def test_a_message_exchange_refuses_is_skipped_with_its_reason(dovecot_old: Dove
                                                                 tmp_path: Path, state) -> None:
     source_box = f"an{next(_numbers)}@binhduong.gov.vn"
     big = message("Tệp đính kèm lớn", body="x" * 3000)
-    fill_imap(dovecot_old, source_box, {"INBOX": [(message("Một"), ()), (big, ("\\Seen",)), (message("Ba"), ())]})
+    dovecot_old.fill(source_box, {"INBOX": [(message("Một"), ()), (big, ("\\Seen",)), (message("Ba"), ())]})
     ews_new.add_mailbox("an.nguyen@hcm.gov.vn")
     ews_new.max_message_size = 2000
     old, new = imap_server(dovecot_old, tmp_path), ews_mail(ews_new, tmp_path, SVC_NEW, PW_NEW)
