@@ -51,6 +51,8 @@ class _Scan:
 
 
 _LINE_DOT = b"\r\n."  # the start of END, and of every line that starts with a dot
+_CR_MAP = bytes(1 if octet == 13 else 0 for octet in range(256))  # translate(): 1 for a CR, 0 for anything else
+_LF_MAP = bytes(1 if octet == 10 else 0 for octet in range(256))  # translate(): 1 for an LF, 0 for anything else
 
 
 async def read_data(reader: asyncio.StreamReader, size_limit: int | None, line_limit: int) -> DataRead:
@@ -109,11 +111,14 @@ def _check(buf: bytearray, stop: int, scan: _Scan, size_limit: int, line_limit: 
     # lines of buf[start:position], all complete
     scan.octets += position - start
     if start < position:
-        # Every CR and every LF is part of a CRLF exactly when there are as many CRs, and as many LFs, as
-        # CRLFs. Three counts in place: 1.4 ms per MB here, where a copy and translate() took 1.7 ms.
-        crlf = buf.count(b"\r\n", start, position)
-        if buf.count(b"\r", start, position) != crlf or buf.count(b"\n", start, position) != crlf:
-            scan.bare = True
+        if not scan.bare:
+            # Every CR is followed by an LF and every LF follows a CR exactly when the map of CRs, moved one
+            # octet on, is the map of LFs. The lines with the CRLF before them (it maps neither end): two
+            # translate() and a compare run in C at about 0.3 ms per MB, where counting CRs, LFs and CRLFs
+            # took 1.4 ms (bytes.count of one octet is a plain loop, of two octets slower still).
+            lines = buf[start - 2:position]
+            if lines.translate(_CR_MAP)[:-1] != lines.translate(_LF_MAP)[1:]:
+                scan.bare = True
         if 0 <= scan.dot_seen < position:
             scan.dots += buf.count(_LINE_DOT, start - 2, position)  # the CRLF before each line (buf starts with one)
             scan.dot_seen = buf.find(_LINE_DOT, position - 2, stop)  # the rest of what read_data searched
