@@ -12,7 +12,8 @@ from mailmerge_gov.forwarding import smtpinit
 from mailmerge_gov.forwarding.addressmap import parse_map
 from mailmerge_gov.forwarding.handler import RelayHandler, RelaySettings, RelaySMTP, smtp_options
 from mailmerge_gov.forwarding.nexthop import NextHopSettings
-from mailmerge_gov.forwarding.smtpdata import TOO_LONG, TOO_MUCH, DataLost, header_block, read_data, stuff, unstuff
+from mailmerge_gov.forwarding.smtpdata import (TOO_LONG, TOO_MUCH, DataLost, _find_line_dot, header_block, read_data,
+                                               stuff, unstuff)
 
 LINE_LIMIT = 1001  # aiosmtpd's line_length_limit: 1000 octets with CRLF, and the transparency dot
 
@@ -93,6 +94,18 @@ def test_chunked_reading_matches_line_by_line_reading(seed: int) -> None:
         plain = unstuff(wire)
         assert got[3] == (plain.count(b"\r") != plain.count(b"\r\n") or plain.count(b"\n") != plain.count(b"\r\n"))
         assert len(wire) - got[4] == len(plain)
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_line_dot_search_matches_a_plain_find(seed: int) -> None:
+    # few dots (memchr only), many dots (the three-octet search after the probes), dots at the range's edges
+    rng = random.Random(seed)
+    alphabet = rng.choice([b"ab\r\n", b"a.\r\n", b"..\r\n", b"abcdefgh.\r\n"])
+    buf = bytearray(rng.choice(alphabet) for _ in range(rng.randint(0, 300)))
+    for _ in range(20):
+        start = rng.randint(0, len(buf))
+        stop = rng.randint(start, len(buf))
+        assert _find_line_dot(buf, start, stop) == buf.find(b"\r\n.", start, stop)
 
 
 @pytest.mark.parametrize("cut", range(1, 12))

@@ -51,6 +51,7 @@ class _Scan:
 
 
 _LINE_DOT = b"\r\n."  # the start of END, and of every line that starts with a dot
+_DOT_PROBES = 8  # dots looked at one by one before _find_line_dot searches for the three octets
 _CR_MAP = bytes(1 if octet == 13 else 0 for octet in range(256))  # translate(): 1 for a CR, 0 for anything else
 _LF_MAP = bytes(1 if octet == 10 else 0 for octet in range(256))  # translate(): 1 for an LF, 0 for anything else
 
@@ -67,7 +68,7 @@ async def read_data(reader: asyncio.StreamReader, size_limit: int | None, line_l
         buf += chunk
         # One search tells both whether the end may be here and whether a line starts with a dot: most
         # messages have neither, and the bytes are then looked at once, not twice.
-        seen = buf.find(_LINE_DOT, search)
+        seen = _find_line_dot(buf, search, len(buf))
         end = -1 if seen < 0 else buf.find(END, seen)
         if scan.dot_seen < 0:
             scan.dot_seen = seen
@@ -89,6 +90,22 @@ async def read_data(reader: asyncio.StreamReader, size_limit: int | None, line_l
             # Only the last bytes matter now: where END may start in the next chunk.
             del buf[:-(len(END) - 1)]
             search = 0
+
+
+def _find_line_dot(buf: bytearray, start: int, stop: int) -> int:
+    """Where the first CRLF and dot of buf[start:stop] starts, or -1 (buf.find(_LINE_DOT, start, stop))."""
+    # Most of a large message is base64, with no dot at all: finding a dot is memchr, at memory speed, where
+    # the three-octet search costs 0.3 ms per MB. In a text with many dots, a few dots that start no line send
+    # the rest to the three-octet search.
+    position = start + 2  # where the dot of a match at `start` is
+    for _ in range(_DOT_PROBES):
+        dot = buf.find(b".", position, stop)
+        if dot < 0:
+            return -1
+        if buf[dot - 1] == 10 and buf[dot - 2] == 13:
+            return dot - 2
+        position = dot + 1
+    return buf.find(_LINE_DOT, position - 2, stop)
 
 
 def _check(buf: bytearray, stop: int, scan: _Scan, size_limit: int, line_limit: int) -> None:
@@ -121,7 +138,7 @@ def _check(buf: bytearray, stop: int, scan: _Scan, size_limit: int, line_limit: 
                 scan.bare = True
         if 0 <= scan.dot_seen < position:
             scan.dots += buf.count(_LINE_DOT, start - 2, position)  # the CRLF before each line (buf starts with one)
-            scan.dot_seen = buf.find(_LINE_DOT, position - 2, stop)  # the rest of what read_data searched
+            scan.dot_seen = _find_line_dot(buf, position - 2, stop)  # the rest of what read_data searched
     scan.checked = position
     if size_limit and scan.octets > size_limit:
         scan.refused = TOO_MUCH
