@@ -275,6 +275,7 @@ class Relay:
     arc_domain: str | None = None
     arc_key_file: Path | None = None  # RSA private key (PEM) whose public half is at selector._domainkey.domain
     workers: int | str = "auto"  # relay processes on the one listening socket; "auto": one per CPU it may use
+    event_loop: str = "auto"  # "uvloop", "asyncio", or "auto": uvloop when it is installed
 
     @property
     def next_hop_host(self) -> str:
@@ -970,7 +971,7 @@ def _read_relay_hardening(table: _Table) -> dict[str, Any]:
             "tls_cert_file": cert, "tls_key_file": key, "require_tls": require_tls,
             "max_connections": max_connections, "max_connections_per_ip": per_ip,
             "metrics_listen": _host_port(table, "metrics_listen", metrics) if metrics is not None else None,
-            "workers": _workers(table)}
+            "workers": _workers(table), "event_loop": _event_loop(table)}
 
 
 def _workers(table: _Table) -> int | str:
@@ -982,6 +983,15 @@ def _workers(table: _Table) -> int | str:
     if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 256:
         return value
     raise table.error("workers", f'must be "auto" or an integer from 1 to 256, got {_describe(value)}')
+
+
+def _event_loop(table: _Table) -> str:
+    """[relay] event_loop: "auto" (the default), "uvloop" or "asyncio"."""
+    table.seen.add("event_loop")
+    value = table.data.get("event_loop", "auto")
+    if value in ("auto", "uvloop", "asyncio"):
+        return str(value)
+    raise table.error("event_loop", f'must be "auto", "uvloop" or "asyncio", got {_describe(value)}')
 
 
 def _host_port(table: _Table, key: str, value: str) -> tuple[str, int]:

@@ -935,13 +935,17 @@ def slapd_version() -> str:
     return (slapd.stderr or slapd.stdout).splitlines()[0].split("$OpenLDAP:")[-1].strip(" $")
 
 
-def relay_in_thread(make_handler: Callable[[Callable[[Any], None]], Any], controllers: list[Any]) -> Relay:
+EVENT_LOOPS = ["uvloop", "asyncio"]  # the loops a relay runs on ([relay] event_loop): tests of both for what differs
+
+
+def relay_in_thread(make_handler: Callable[[Callable[[Any], None]], Any], controllers: list[Any],
+                    event_loop: str = "auto") -> Relay:
     """Start a relay in a thread on a free loopback port with the handler make_handler(log) builds; its log is kept."""
     from mailmerge_gov.forwarding.handler import relay_controller
 
     records: list[Any] = []
     handler = make_handler(records.append)
-    controller = relay_controller(handler, LOOPBACK, free_port())
+    controller = relay_controller(handler, LOOPBACK, free_port(), event_loop)
     controller.start()
     controllers.append(controller)  # the caller stops them
     return Relay(controller.port, handler, controller, records)

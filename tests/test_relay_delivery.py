@@ -35,7 +35,7 @@ from conftest import started
 from mailmerge_gov.forwarding.addressmap import AddressMap, parse_map
 from mailmerge_gov.forwarding.handler import RelayController, RelayHandler, RelaySettings
 from mailmerge_gov.forwarding.nexthop import NextHopSettings
-from servers import LOOPBACK, Relay, RelayDaemon, SmtpSink, free_port, relay_in_thread, require_program
+from servers import EVENT_LOOPS, LOOPBACK, Relay, RelayDaemon, SmtpSink, free_port, relay_in_thread, require_program
 
 OLD_DOMAINS = ("binhduong.gov.vn", "brvt.gov.vn")
 # 20 officials: the load test spreads its messages over them
@@ -119,12 +119,13 @@ def start_relay(address_map: AddressMap) -> Iterator[Callable[..., Relay]]:
     """Return a function that starts a relay in front of a next-hop port; stopped at the end of the test."""
     controllers: list[RelayController] = []
 
-    def start(next_hop_port: int, next_hop_timeout: float = 5.0, **limits: Any) -> Relay:
+    def start(next_hop_port: int, next_hop_timeout: float = 5.0, event_loop: str = "auto", **limits: Any) -> Relay:
         settings = RelaySettings(
             next_hop=NextHopSettings(LOOPBACK, next_hop_port, timeout=next_hop_timeout, local_hostname="relay.test"),
             hostname="relay.test", **{"max_message_size": 1_000_000, **limits})
         return relay_in_thread(
-            lambda log: RelayHandler(address_map, settings, None, clock=lambda: NOW, on_transaction=log), controllers)
+            lambda log: RelayHandler(address_map, settings, None, clock=lambda: NOW, on_transaction=log), controllers,
+            event_loop)
 
     yield start
     for controller in controllers:
@@ -458,11 +459,12 @@ async def send_load(port: int, result: LoadResult, outage: Callable[[], Any]) ->
         worker.cancel()
 
 
-def test_next_hop_down_during_a_load(start_relay: Callable[..., Relay]) -> None:
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
+def test_next_hop_down_during_a_load(start_relay: Callable[..., Relay], event_loop: str) -> None:
     handler = SinkHandler()
     port = free_port()
     controllers = [next_hop_controller(handler, port)]
-    relay = start_relay(port, next_hop_timeout=3.0)
+    relay = start_relay(port, next_hop_timeout=3.0, event_loop=event_loop)
     times: dict[str, float] = {}
 
     async def outage() -> None:

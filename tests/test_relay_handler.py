@@ -18,7 +18,7 @@ from mailmerge_gov.forwarding.addressmap import AddressMap, parse_map
 from mailmerge_gov.forwarding.handler import RelayHandler, RelaySettings, TransactionRecord
 from mailmerge_gov.forwarding.nexthop import NextHopSettings
 from mailmerge_gov.forwarding.srs import Srs
-from servers import LOOPBACK, Relay, SmtpSink, free_port, relay_in_thread
+from servers import EVENT_LOOPS, LOOPBACK, Relay, SmtpSink, free_port, relay_in_thread
 
 OLD_DOMAINS = ("binhduong.gov.vn", "brvt.gov.vn")
 MAP = """\
@@ -126,14 +126,15 @@ def start_relay(address_map: AddressMap) -> Iterator[Callable[..., Relay]]:
     """Return a function that starts a relay in front of a next hop port; stopped at the end of the test."""
     controllers = []
 
-    def start(next_hop_port: int, srs: bool = True, next_hop_timeout: float = 2.0, **limits: Any) -> Relay:
+    def start(next_hop_port: int, srs: bool = True, next_hop_timeout: float = 2.0, event_loop: str = "auto",
+              **limits: Any) -> Relay:
         settings = RelaySettings(
             next_hop=NextHopSettings(LOOPBACK, next_hop_port, timeout=next_hop_timeout, local_hostname="relay.test"),
             hostname="relay.test", **{"max_recipients": 3, "max_hops": 5, "max_message_size": 100_000, **limits})
         srs_value = Srs(SRS_DOMAIN, SECRETS, exempt_domains=frozenset(OLD_DOMAINS + ("hcm.gov.vn",))) if srs else None
         return relay_in_thread(
             lambda log: RelayHandler(address_map, settings, srs_value, clock=lambda: NOW, on_transaction=log),
-            controllers)
+            controllers, event_loop)
 
     yield start
     for controller in controllers:
@@ -151,8 +152,9 @@ def received_of(record: TransactionRecord, recipient: str | None) -> bytes:
 # --- forwarding ------------------------------------------------------------------------------------------------
 
 
-def test_forward_relays_exact_bytes_with_srs(sink: SinkHandler, start_relay: Callable[..., Relay]) -> None:
-    relay = start_relay(sink.port)
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
+def test_forward_relays_exact_bytes_with_srs(sink: SinkHandler, start_relay: Callable[..., Relay], event_loop: str) -> None:
+    relay = start_relay(sink.port, event_loop=event_loop)
     with relay.client() as client:
         assert client.mail("alice@example.org") == (250, b"2.1.0 OK")
         assert client.rcpt("NguyenVanA@BinhDuong.gov.vn") == (250, b"2.1.5 Ok")
@@ -469,9 +471,10 @@ SMUGGLED = b"MAIL FROM:<ceo@binhduong.gov.vn>\r\nRCPT TO:<tranthib@binhduong.gov
     (b"\r\n.\n", b"first part\r\n\r\nMAIL FROM:"),
     (b"\r\n.\r", b"first part\r\n\r\nMAIL FROM:"),
 ])
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
 def test_smuggling_does_not_end_data(sink: SinkHandler, start_relay: Callable[..., Relay], fake_end: bytes,
-                                     body: bytes) -> None:
-    relay = start_relay(sink.port)
+                                     body: bytes, event_loop: str) -> None:
+    relay = start_relay(sink.port, event_loop=event_loop)
     with relay.client() as client:
         client.mail("alice@example.org")
         client.rcpt("nguyenvana@binhduong.gov.vn")
@@ -484,10 +487,11 @@ def test_smuggling_does_not_end_data(sink: SinkHandler, start_relay: Callable[..
     assert message.content.split(b"\r\n\r\n", 1)[1] == body + SMUGGLED.split(b":", 1)[1]
 
 
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
 def test_client_gone_during_data_next_hop_call_is_finished(sink: SinkHandler,
-                                                          start_relay: Callable[..., Relay]) -> None:
+                                                          start_relay: Callable[..., Relay], event_loop: str) -> None:
     sink.delays["DATA"] = 0.5
-    relay = start_relay(sink.port)
+    relay = start_relay(sink.port, event_loop=event_loop)
     client = relay.client()
     client.mail("alice@example.org")
     client.rcpt("nguyenvana@binhduong.gov.vn")
@@ -538,8 +542,9 @@ def test_postfix_smtp_sink_refusals(start_relay: Callable[..., Relay], options: 
         sink.stop()
 
 
-def test_a_client_gone_mid_data_delivers_nothing(sink: SinkHandler, start_relay: Callable[..., Relay]) -> None:
-    relay = start_relay(sink.port)
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
+def test_a_client_gone_mid_data_delivers_nothing(sink: SinkHandler, start_relay: Callable[..., Relay], event_loop: str) -> None:
+    relay = start_relay(sink.port, event_loop=event_loop)
     client = relay.client()
     client.mail("alice@example.org")
     client.rcpt("nguyenvana@binhduong.gov.vn")

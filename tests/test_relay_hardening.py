@@ -32,13 +32,14 @@ from click.testing import CliRunner
 
 from mailmerge_gov.cli import cli
 from mailmerge_gov.config import ConfigError, load_config
+from mailmerge_gov.forwarding import eventloop
 from mailmerge_gov.forwarding.addressmap import parse_map
 from mailmerge_gov.forwarding.daemon import server_tls_context
 from mailmerge_gov.forwarding.handler import (ArcSealer, RelayHandler, RelaySettings, TransactionRecord,
                                               relay_controller)
 from mailmerge_gov.forwarding.metrics import RelayMetrics, start_metrics_server
 from mailmerge_gov.forwarding.nexthop import NextHopSettings
-from servers import LOOPBACK, free_port
+from servers import EVENT_LOOPS, LOOPBACK, free_port
 
 MAP = """\
 old_address,new_address,valid_until
@@ -116,14 +117,14 @@ def start_relay() -> Iterator[Callable[..., Relay]]:
     running: list[tuple[Controller, asyncio.Server]] = []
 
     def start(next_hop_port: int, tls_context: ssl.SSLContext | None = None, arc: ArcSealer | None = None,
-              **settings: Any) -> Relay:
+              event_loop: str = "auto", **settings: Any) -> Relay:
         relay_settings = RelaySettings(
             next_hop=NextHopSettings(LOOPBACK, next_hop_port, timeout=0.4, local_hostname="relay.test"),
             hostname="relay.test", **settings)
         records: list[TransactionRecord] = []
         handler = RelayHandler(parse_map(MAP, "map.csv", frozenset({"binhduong.gov.vn"})), relay_settings,
                                clock=lambda: NOW, on_transaction=records.append, tls_context=tls_context, arc=arc)
-        controller = relay_controller(handler, LOOPBACK, free_port())
+        controller = relay_controller(handler, LOOPBACK, free_port(), event_loop)
         controller.start()
         relay = Relay(controller.port, handler, records, free_port())
         # Controller.start() connects once to see the server up: that is no client, so count from after it.
@@ -161,9 +162,10 @@ def raw_connection(relay: Relay, source: str = LOOPBACK) -> socket.socket:
 # --- inbound STARTTLS ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
 def test_starttls_with_the_configured_certificate(sink: Sink, start_relay: Callable[..., Relay],
-                                                  tls_certificate: tuple[Path, Path]) -> None:
-    relay = start_relay(sink.port, server_tls_context(*tls_certificate))
+                                                  tls_certificate: tuple[Path, Path], event_loop: str) -> None:
+    relay = start_relay(sink.port, server_tls_context(*tls_certificate), event_loop=event_loop)
     with relay.client() as client:
         assert client.has_extn("starttls")
         assert client.starttls(context=client_context(tls_certificate[0])) == (220, b"Ready to start TLS")
@@ -197,10 +199,12 @@ def test_require_tls_without_a_certificate_is_off(sink: Sink, start_relay: Calla
         assert client.mail("alice@example.org") == (250, b"2.1.0 OK")
 
 
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
 def test_failed_tls_handshake_frees_the_connection(sink: Sink, start_relay: Callable[..., Relay],
                                                    tls_certificate: tuple[Path, Path],
-                                                   caplog: pytest.LogCaptureFixture) -> None:
-    relay = start_relay(sink.port, server_tls_context(*tls_certificate), max_connections_per_ip=1)
+                                                   caplog: pytest.LogCaptureFixture, event_loop: str) -> None:
+    relay = start_relay(sink.port, server_tls_context(*tls_certificate), max_connections_per_ip=1,
+                        event_loop=event_loop)
     with raw_connection(relay) as sock:
         sock.recv(1024)
         sock.sendall(b"EHLO mail.example.org\r\n")
@@ -290,8 +294,9 @@ def test_text_line_too_long_refuses_the_message(sink: Sink, start_relay: Callabl
 # --- timeouts -----------------------------------------------------------------------------------------------------
 
 
-def test_idle_client_gets_421_and_is_closed(sink: Sink, start_relay: Callable[..., Relay]) -> None:
-    relay = start_relay(sink.port, timeout=0.5)
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
+def test_idle_client_gets_421_and_is_closed(sink: Sink, start_relay: Callable[..., Relay], event_loop: str) -> None:
+    relay = start_relay(sink.port, timeout=0.5, event_loop=event_loop)
     client = relay.client()
     client.mail("alice@example.org")
     assert client.rcpt("nguyenvana@binhduong.gov.vn")[0] == 250
@@ -457,16 +462,17 @@ def relay_config(tmp_path: Path, relay: str, map_text: str = MAP) -> Path:
 def test_hardening_keys(tmp_path: Path) -> None:
     relay = load_config(relay_config(tmp_path, 'tls_cert_file = "cert.pem"\ntls_key_file = "/etc/key.pem"\n'
                                                'require_tls = true\nmax_connections = 50\nmax_connections_per_ip = 5\n'
-                                               'metrics_listen = "[::1]:9425"\n')).relay
+                                               'metrics_listen = "[::1]:9425"\nevent_loop = "asyncio"\n')).relay
     assert (relay.tls_cert_file, relay.tls_key_file, relay.require_tls, relay.max_connections,
-            relay.max_connections_per_ip, relay.metrics_listen) == (
-        tmp_path / "cert.pem", Path("/etc/key.pem"), True, 50, 5, ("::1", 9425))
+            relay.max_connections_per_ip, relay.metrics_listen, relay.event_loop) == (
+        tmp_path / "cert.pem", Path("/etc/key.pem"), True, 50, 5, ("::1", 9425), "asyncio")
 
 
 def test_hardening_defaults(tmp_path: Path) -> None:
     relay = load_config(relay_config(tmp_path, "")).relay
     assert (relay.tls_cert_file, relay.tls_key_file, relay.require_tls, relay.max_connections,
-            relay.max_connections_per_ip, relay.metrics_listen) == (None, None, False, 200, 20, None)
+            relay.max_connections_per_ip, relay.metrics_listen, relay.event_loop) == (None, None, False, 200, 20, None,
+                                                                                     "auto")
 
 
 @pytest.mark.parametrize(("relay", "message"), [
@@ -480,12 +486,34 @@ def test_hardening_defaults(tmp_path: Path) -> None:
     ("max_connections = 0\n", "relay.max_connections: must be greater than 0, got 0"),
     ("max_connections = 10\n", "relay.max_connections_per_ip: must be at most max_connections (10), got 20"),
     ('metrics_listen = "9425"\n', "relay.metrics_listen: '9425' is not host:port (use [::1]:25 for IPv6)"),
+    ('event_loop = "trio"\n', "relay.event_loop: must be \"auto\", \"uvloop\" or \"asyncio\", got a string ('trio')"),
 ])
 def test_hardening_key_errors(tmp_path: Path, relay: str, message: str) -> None:
     path = relay_config(tmp_path, relay)
     with pytest.raises(ConfigError) as caught:
         load_config(path)
     assert str(caught.value).startswith(f"{path}, line ") and str(caught.value).split(": ", 1)[1] == message
+
+
+@pytest.mark.parametrize(("choice", "installed", "runs_on"), [
+    ("auto", True, "uvloop"), ("auto", False, "asyncio"), ("uvloop", True, "uvloop"), ("asyncio", True, "asyncio"),
+    ("uvloop", False, "[relay] event_loop: uvloop cannot be imported in the relay's environment (pip install "
+                      "uvloop, or event_loop = \"asyncio\")"),
+])
+def test_event_loop_choice(monkeypatch: pytest.MonkeyPatch, choice: str, installed: bool, runs_on: str) -> None:
+    if not installed:
+        monkeypatch.setitem(sys.modules, "uvloop", None)  # what Python does for a module that cannot be imported
+    try:
+        got = eventloop.resolve(choice)
+    except eventloop.EventLoopError as exc:
+        got = str(exc)
+    assert got == runs_on
+    if got in ("uvloop", "asyncio"):
+        loop = eventloop.loop_factory(choice)()
+        try:
+            assert type(loop).__module__.split(".")[0] == got
+        finally:
+            loop.close()
 
 
 @pytest.mark.parametrize(("cert", "key", "message"), [
@@ -517,15 +545,17 @@ def test_key_of_another_certificate_is_refused(tmp_path: Path, tls_certificate: 
 # --- relay serve: TLS, limits and metrics from the consolidation file ---------------------------------------------
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize(("workers", "event_loop", "runs_on"), [(1, "auto", "uvloop"), (2, "auto", "uvloop"),
+                                                              (1, "asyncio", "asyncio"), (2, "asyncio", "asyncio")])
 def test_serve_with_tls_and_metrics(tmp_path: Path, sink: Sink, tls_certificate: tuple[Path, Path],
-                                    workers: int) -> None:
+                                    workers: int, event_loop: str, runs_on: str) -> None:
     port, metrics_port = free_port(), free_port()
     config = relay_config(tmp_path, f'listen = "{LOOPBACK}:{port}"\nhostname = "relay.test"\nmap = "map.csv"\n'
                                     f'next_hop = "smtp://{LOOPBACK}:{sink.port}"\nnext_hop_timeout = 5\n'
                                     f'tls_cert_file = "{tls_certificate[0]}"\ntls_key_file = "{tls_certificate[1]}"\n'
                                     f'require_tls = true\nmax_connections_per_ip = 1\n'
-                                    f'metrics_listen = "{LOOPBACK}:{metrics_port}"\nworkers = {workers}\n')
+                                    f'metrics_listen = "{LOOPBACK}:{metrics_port}"\nworkers = {workers}\n'
+                                    f'event_loop = "{event_loop}"\n')
     proc = subprocess.Popen([sys.executable, "-m", "mailmerge_gov", "relay", "serve", "-c", str(config)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=os.environ.copy(), start_new_session=True)
@@ -533,8 +563,9 @@ def test_serve_with_tls_and_metrics(tmp_path: Path, sink: Sink, tls_certificate:
     threading.Thread(target=lambda: [lines.put(raw.decode()) for raw in proc.stderr or ()], daemon=True).start()
     try:
         listening = json.loads(lines.get(timeout=10))  # the first line the relay writes
-        assert (listening["event"], listening["starttls"], listening["require_tls"], listening["metrics"]) == (
-            "listening", True, True, f"{LOOPBACK}:{metrics_port}")
+        assert (listening["event"], listening["starttls"], listening["require_tls"], listening["metrics"],
+                listening["workers"], listening["event_loop"]) == (
+            "listening", True, True, f"{LOOPBACK}:{metrics_port}", workers, runs_on)
         with smtplib.SMTP(LOOPBACK, port, timeout=10) as client:
             client.ehlo("mail.example.org")
             assert client.mail("alice@example.org")[0] == 530

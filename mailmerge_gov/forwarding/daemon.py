@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mailmerge_gov.config import Config, ConfigError, load_config
-from mailmerge_gov.forwarding import replies
+from mailmerge_gov.forwarding import eventloop, replies
 from mailmerge_gov.forwarding.addressmap import AddressMap, MapError, Outcome, load_map
 from mailmerge_gov.forwarding.handler import (ArcSealer, RelayHandler, RelaySettings, RelaySMTP, event, old_domains,
                                               relay_settings, smtp_options, verdict_reply)
@@ -36,6 +36,7 @@ class Prepared:
     srs: Srs | None
     tls_context: ssl.SSLContext | None = None
     arc: ArcSealer | None = None
+    event_loop: str = "asyncio"  # what [relay] event_loop resolved to here: "uvloop" or "asyncio"
 
 
 def load_address_map(config: Config) -> AddressMap:
@@ -118,7 +119,12 @@ def prepare(config: Config) -> Prepared:
         settings = relay_settings(config)
     except ValueError as exc:
         raise RelayError(str(exc)) from None
-    return Prepared(config, settings, load_address_map(config), load_srs(config), load_tls(config), load_arc(config))
+    try:
+        loop = eventloop.resolve(config.relay.event_loop)
+    except eventloop.EventLoopError as exc:
+        raise RelayError(str(exc)) from None
+    return Prepared(config, settings, load_address_map(config), load_srs(config), load_tls(config), load_arc(config),
+                    loop)
 
 
 async def serve(prepared: Prepared, on_listening: Callable[[str, int], None] | None = None) -> None:
@@ -209,6 +215,7 @@ def listening_event(prepared: Prepared, workers: int) -> str:
     """The log line saying that the relay listens, and how it is set up."""
     config = prepared.config
     return event("listening", address=f"{config.relay.listen_host}:{config.relay.listen_port}", workers=workers,
+                 event_loop=prepared.event_loop,
                  addresses=len(prepared.address_map), map=str(config.relay.map), next_hop=config.relay.next_hop,
                  srs_domain=prepared.srs.domain if prepared.srs else None,
                  starttls=prepared.tls_context is not None, require_tls=prepared.settings.require_tls,
@@ -241,7 +248,7 @@ def run(prepared: Prepared) -> int:
 
     count = worker_count(prepared.config.relay)
     if count == 1:
-        asyncio.run(serve(prepared))
+        asyncio.run(serve(prepared), loop_factory=eventloop.loop_factory(prepared.event_loop))
         return 0
     return Supervisor(prepared, count).run()
 

@@ -20,7 +20,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import MISSING, SMTP, Envelope, Session, TLSSetupException, syntax
 
 from mailmerge_gov.config import Config
-from mailmerge_gov.forwarding import replies, smtpinit
+from mailmerge_gov.forwarding import eventloop, replies, smtpinit
 from mailmerge_gov.forwarding.address import NULL_PATH, AddressError, parse_mailbox, split_path
 from mailmerge_gov.forwarding.addressmap import AddressMap, Outcome, Verdict
 from mailmerge_gov.forwarding.metrics import RelayMetrics
@@ -928,8 +928,10 @@ class RelayController(Controller):
         super().stop(no_assert)
 
 
-def relay_controller(handler: RelayHandler, host: str, port: int) -> RelayController:
-    """A threaded relay on host:port with the handler's limits (call .start() and .stop())."""
+def relay_controller(handler: RelayHandler, host: str, port: int, event_loop: str = "auto") -> RelayController:
+    """A threaded relay on host:port with the handler's limits (call .start() and .stop()), on that kind of loop."""
     options = smtp_options(handler.settings, handler.tls_context)
+    loop = eventloop.loop_factory(event_loop)()
     # Controller's `hostname` is the address to bind; the name in the greeting is `server_hostname`.
-    return RelayController(handler, hostname=host, port=port, server_hostname=options.pop("hostname"), **options)
+    return RelayController(handler, hostname=host, port=port, server_hostname=options.pop("hostname"), loop=loop,
+                           **options)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mailmerge_gov.config import Relay
+from mailmerge_gov.forwarding import eventloop
 from mailmerge_gov.forwarding.daemon import (RELOAD_ERRORS, Prepared, RelayError, listening_event, load_reloadable,
                                              server_tls_context, swap)
 from mailmerge_gov.forwarding.addressmap import AddressMap
@@ -207,7 +208,8 @@ def _worker_main(prepared: Prepared, index: int, listeners: list[socket.socket],
     """The body of a forked worker: serve until SIGTERM (or the parent's end), then drain; the exit status."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads come from the parent, checked, over `control`
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    asyncio.run(_serve_worker(prepared, index, listeners, metrics_listeners, state, control))
+    asyncio.run(_serve_worker(prepared, index, listeners, metrics_listeners, state, control),
+                loop_factory=eventloop.loop_factory(prepared.event_loop))
     return 0
 
 
