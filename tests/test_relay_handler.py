@@ -17,6 +17,7 @@ from conftest import started
 from mailmerge_gov.forwarding.addressmap import AddressMap, parse_map
 from mailmerge_gov.forwarding.handler import RelayHandler, RelaySettings, TransactionRecord
 from mailmerge_gov.forwarding.nexthop import NextHopSettings
+from mailmerge_gov.forwarding.smtpdata import unstuff
 from mailmerge_gov.forwarding.srs import Srs
 from servers import EVENT_LOOPS, LOOPBACK, Relay, SmtpSink, free_port, relay_in_thread
 
@@ -485,6 +486,30 @@ def test_smuggling_does_not_end_data(sink: SinkHandler, start_relay: Callable[..
     [message] = sink.messages
     assert sink.commands.count("DATA") == 1 and message.rcpt_tos == ["annv@hcm.gov.vn"]
     assert message.content.split(b"\r\n\r\n", 1)[1] == body + SMUGGLED.split(b":", 1)[1]
+
+
+# The message after DATA, cut where a client may cut it: sent with the command before the 354 (a client that
+# does not wait), in one piece after it, in pieces, with the next command right behind the final dot.
+@pytest.mark.parametrize("cuts", [[], [0], [0, 5], [0, 40, 41, 42], [0, len(MESSAGE) + 1], [0, len(MESSAGE) + 3]])
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
+def test_message_in_pieces_and_the_command_after_it(sink: SinkHandler, start_relay: Callable[..., Relay],
+                                                    cuts: list[int], event_loop: str) -> None:
+    relay = start_relay(sink.port, event_loop=event_loop)
+    stream = MESSAGE + b".\r\nNOOP\r\n"  # cut points count from the start of the message; no 0: with DATA
+    with relay.client() as client:
+        client.mail("alice@example.org")
+        client.rcpt("nguyenvana@binhduong.gov.vn")
+        pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+        client.send(b"DATA\r\n" + pieces[0])
+        assert client.getreply()[0] == 354
+        for piece in pieces[1:]:
+            time.sleep(0.02)  # each piece in a read of its own
+            client.send(piece)
+        assert client.getreply() == (250, b"2.0.0 Ok: queued as Q1")
+        assert client.getreply() == (250, b"OK")  # the NOOP that came behind the final dot
+        assert client.noop() == (250, b"OK")  # nothing left over
+    [message] = sink.messages
+    assert message.content.endswith(b"\r\n" + unstuff(MESSAGE))
 
 
 @pytest.mark.parametrize("event_loop", EVENT_LOOPS)

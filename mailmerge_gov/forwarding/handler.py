@@ -29,7 +29,7 @@ from mailmerge_gov.forwarding.message import (count_received, delivered_to, deli
 from mailmerge_gov.forwarding.nexthop import HopReply, NextHop, NextHopPool, NextHopSettings, next_hop_settings
 from mailmerge_gov.forwarding.replies import Reply
 from mailmerge_gov.forwarding.shared import SharedLimits
-from mailmerge_gov.forwarding.smtpdata import TOO_LONG, header_block, read_data, stuff, unstuff
+from mailmerge_gov.forwarding.smtpdata import TOO_LONG, DataLost, DataRead, DataReader, header_block, stuff, unstuff
 from mailmerge_gov.forwarding.srs import Srs, SrsError
 
 log = logging.getLogger("mailmerge_gov.forwarding")
@@ -776,6 +776,8 @@ class RelaySMTP(SMTP):
         self._refused = False  # over a connection limit: told so and closed before the greeting
         self._lost = False
         self._reading_message = False
+        self._message: DataReader | None = None  # while DATA is read: the bytes go to it, not to the StreamReader
+        self._message_read: asyncio.Future[DataRead] | None = None
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """The path exactly as sent (source route kept): the handler decides, not the lenient RFC 5322 parser."""
@@ -822,7 +824,18 @@ class RelaySMTP(SMTP):
         # steadily it arrives, and the sender would retry it for days. Silence is what `timeout` is about.
         if self._reading_message:
             self._reset_timeout()
-        super().data_received(data)
+        message = self._message
+        if message is None:
+            super().data_received(data)
+            return
+        outcome = message.feed(data)
+        if outcome is not None:
+            read, excess = outcome
+            self._message = None
+            if excess:
+                super().data_received(excess)  # the commands after the end of data, to the StreamReader
+            if self._message_read is not None and not self._message_read.done():
+                self._message_read.set_result(read)
 
     def _create_envelope(self) -> Envelope:
         """An envelope that keeps the message as it came (dot-stuffed): the relay sends it on as it is."""
@@ -833,7 +846,7 @@ class RelaySMTP(SMTP):
         """DATA read in large chunks (aiosmtpd reads line by line), with the idle timer restarted as bytes arrive."""
         # The checks and replies are aiosmtpd 1.4's (SMTP.smtp_DATA): HELO first, RCPT first, no argument, then
         # 354; a line too long answers 500 and too much data 552 after the end of data; the handler's DATA
-        # hook gives the final reply. smtpdata.read_data says what differs in how the bytes are read.
+        # hook gives the final reply. smtpdata.DataReader says what differs in how the bytes are read.
         if await self.check_helo_needed():
             return
         if await self.check_auth_needed("DATA"):
@@ -849,7 +862,7 @@ class RelaySMTP(SMTP):
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         self._reading_message = True
         try:
-            read = await read_data(self._reader, self.data_size_limit, self.line_length_limit)
+            read = await self._read_message()
         except asyncio.CancelledError:
             self._writer.close()  # the connection was lost during DATA (as aiosmtpd does)
             raise
@@ -867,6 +880,30 @@ class RelaySMTP(SMTP):
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
         await self.push("250 OK" if status is MISSING else status)
+
+    async def _read_message(self) -> DataRead:
+        """The message after 354, fed by data_received straight from the transport."""
+        # asyncio's StreamReader would copy each piece twice (into its buffer, out of it), stop and restart
+        # reading the socket at each piece (its limit is one line), and wake this task for each: for 1 MB
+        # messages that was a tenth of the relay's time. The bytes the client sent before this point (it
+        # should have waited for 354, but may pipeline) are in the StreamReader: they come first.
+        message = DataReader(self.data_size_limit, self.line_length_limit)
+        reader = self._reader
+        while reader._buffer:  # asyncio has no public way to ask whether bytes are buffered
+            outcome = message.feed(await reader.read(len(reader._buffer)))  # returns at once: bytes are there
+            if outcome is not None:
+                read, excess = outcome
+                if excess:
+                    reader.feed_data(excess)  # the buffer was emptied above, so these come first
+                return read
+        if reader.at_eof():
+            raise DataLost("connection closed during DATA")
+        self._message_read = self.loop.create_future()
+        self._message = message
+        try:
+            return await self._message_read
+        finally:
+            self._message = self._message_read = None
 
     @syntax("EHLO hostname")
     async def smtp_EHLO(self, hostname: str) -> None:

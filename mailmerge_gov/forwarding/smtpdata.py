@@ -56,40 +56,59 @@ _CR_MAP = bytes(1 if octet == 13 else 0 for octet in range(256))  # translate():
 _LF_MAP = bytes(1 if octet == 10 else 0 for octet in range(256))  # translate(): 1 for an LF, 0 for anything else
 
 
-async def read_data(reader: asyncio.StreamReader, size_limit: int | None, line_limit: int) -> DataRead:
-    """Read up to and including the line "." from `reader`; bytes after it stay in the reader (pipelining)."""
-    buf = bytearray(b"\r\n")  # a CRLF before the first line: the end is found even for an empty message
-    scan = _Scan()
-    search = 0  # where the search for END resumes
-    while True:
-        chunk = await reader.read(_READ_ALL)
-        if not chunk:
-            raise DataLost("connection closed during DATA")
+class DataReader:
+    """The message after DATA, taken in the pieces the socket delivers, with what was found so far."""
+
+    def __init__(self, size_limit: int | None, line_limit: int) -> None:
+        """Nothing read yet; `size_limit` 0 or None: no limit."""
+        self.buf = bytearray(b"\r\n")  # a CRLF before the first line: the end is found even for an empty message
+        self.scan = _Scan()
+        self.search = 0  # where the search for END resumes
+        self.size_limit = size_limit or 0
+        self.line_limit = line_limit
+
+    def feed(self, chunk: bytes) -> tuple[DataRead, bytes] | None:
+        """Take the next bytes; once the end of data is among them, what was read and the bytes after the end."""
+        buf, scan = self.buf, self.scan
         buf += chunk
         # One search tells both whether the end may be here and whether a line starts with a dot: most
         # messages have neither, and the bytes are then looked at once, not twice.
-        seen = _find_line_dot(buf, search, len(buf))
+        seen = _find_line_dot(buf, self.search, len(buf))
         end = -1 if seen < 0 else buf.find(END, seen)
         if scan.dot_seen < 0:
             scan.dot_seen = seen
         stop = len(buf) if end < 0 else end + 2  # the message is buf[2:end + 2]: its last line keeps its CRLF
         if scan.refused is None:
-            _check(buf, stop, scan, size_limit or 0, line_limit)
+            _check(buf, stop, scan, self.size_limit, self.line_limit)
         if end >= 0:
             excess = bytes(buf[end + len(END):])
-            if excess:
-                # Everything buffered was read above, so feeding back puts these bytes first (the next command).
-                reader.feed_data(excess)
             if scan.refused is not None:
-                return DataRead(None, scan.refused)
+                return DataRead(None, scan.refused), excess
             del buf[stop:]
             del buf[:2]  # CPython drops a bytearray's head without moving the rest
-            return DataRead(buf, None, scan.bare, scan.dots)
-        search = max(len(buf) - len(END) + 1, 0)
+            return DataRead(buf, None, scan.bare, scan.dots), excess
+        self.search = max(len(buf) - len(END) + 1, 0)
         if scan.refused is not None:
             # Only the last bytes matter now: where END may start in the next chunk.
             del buf[:-(len(END) - 1)]
-            search = 0
+            self.search = 0
+        return None
+
+
+async def read_data(reader: asyncio.StreamReader, size_limit: int | None, line_limit: int) -> DataRead:
+    """Read up to and including the line "." from `reader`; bytes after it stay in the reader (pipelining)."""
+    data = DataReader(size_limit, line_limit)
+    while True:
+        chunk = await reader.read(_READ_ALL)
+        if not chunk:
+            raise DataLost("connection closed during DATA")
+        outcome = data.feed(chunk)
+        if outcome is not None:
+            read, excess = outcome
+            if excess:
+                # Everything buffered was read above, so feeding back puts these bytes first (the next command).
+                reader.feed_data(excess)
+            return read
 
 
 def _find_line_dot(buf: bytearray, start: int, stop: int) -> int:
