@@ -22,8 +22,12 @@ import pytest
 from aiosmtpd.controller import Controller
 
 from mailmerge_gov.config import ConfigError, Relay, load_config
+from mailmerge_gov.forwarding.addressmap import parse_map
+from mailmerge_gov.forwarding.daemon import server_tls_context
+from mailmerge_gov.forwarding.handler import RelayHandler, RelaySettings
+from mailmerge_gov.forwarding.nexthop import NextHopSettings
 from mailmerge_gov.forwarding.shared import SharedLimits, SharedMetrics, SharedState
-from mailmerge_gov.forwarding.workers import worker_count
+from mailmerge_gov.forwarding.workers import _apply_reload, _Reload, worker_count
 from servers import LOOPBACK, RelayDaemon, free_port
 
 LIVE_MAP = """\
@@ -402,3 +406,26 @@ def test_workers_on_ipv6(tmp_path: Path, next_hop: tuple[Sink, int]) -> None:
     finally:
         daemon.stop()
     assert logged == ["::1", "::1"] and len(next_hop[0].messages) == 2
+
+
+@pytest.mark.parametrize("certificate", ["renewed", "gone"])
+def test_a_worker_always_takes_the_new_map(tmp_path: Path, tls_certificate: tuple[Path, Path],
+                                           certificate: str) -> None:
+    # Each worker reads the certificate files again (an SSLContext cannot be sent to it). Files that changed
+    # since the parent checked them keep that worker's certificate, never its old map: every worker forwards alike.
+    old_map = parse_map("old_address,new_address,valid_until\nnguyenvana@binhduong.gov.vn,a@hcm.gov.vn,2099-12-31\n",
+                        "old.csv", ("binhduong.gov.vn",))
+    new_map = parse_map("old_address,new_address,valid_until\nnguyenvana@binhduong.gov.vn,b@hcm.gov.vn,2099-12-31\n",
+                        "new.csv", ("binhduong.gov.vn",))
+    context = server_tls_context(*tls_certificate)
+    handler = RelayHandler(old_map, RelaySettings(next_hop=NextHopSettings(LOOPBACK, 25), hostname="relay.test"),
+                           tls_context=context)
+    files = tls_certificate if certificate == "renewed" else (tmp_path / "gone.pem", tls_certificate[1])
+    answer = _apply_reload(handler, _Reload(new_map, None, None, files))
+    assert handler.address_map is new_map
+    if certificate == "renewed":
+        assert answer == ("reloaded", 1) and handler.tls_context is not context
+    else:
+        assert answer == ("certificate-kept", f"[relay] tls_cert_file: cannot read {tmp_path}/gone.pem: "
+                                              "No such file or directory")
+        assert handler.tls_context is context

@@ -256,14 +256,21 @@ async def _serve_worker(prepared: Prepared, index: int, listeners: list[socket.s
 
 
 def _apply_reload(handler: RelayHandler, message: _Reload) -> tuple[str, str | int]:
-    """Swap in what the parent loaded: ("reloaded", addresses) or ("reload-failed", why)."""
+    """Swap in what the parent loaded: ("reloaded", addresses), or ("certificate-kept", why) when only the
+    certificate could not be loaded again here (the map, SRS and ARC are swapped all the same)."""
     tls_context = None
+    kept = ""
     if message.tls_files is not None and handler.tls_context is not None:
         try:
             tls_context = server_tls_context(*message.tls_files)
-        except RelayError as exc:  # the files changed since the parent read them
-            return "reload-failed", str(exc)
+        except RelayError as exc:
+            # The files changed since the parent read them (an SSLContext cannot be sent, so each worker reads
+            # them). The map must be the same in every worker, so it is swapped anyway; the certificate in use
+            # stays valid until the next reload.
+            kept = str(exc)
     swap(handler, message.address_map, message.srs, message.arc, tls_context)
+    if kept:
+        return "certificate-kept", kept
     return "reloaded", len(message.address_map)
 
 
@@ -431,7 +438,9 @@ class Supervisor:
                 answer, detail = worker.control.recv()
             except (EOFError, OSError):
                 continue  # it died meanwhile: restarted with the new values
-            if answer != "reloaded":
+            if answer == "certificate-kept":
+                log.warning("%s", event("reload-certificate-kept", worker=worker.index, reason=detail))
+            elif answer != "reloaded":
                 failures.append(f"worker {worker.index}: {detail}")
         if failures:
             log.warning("%s", event("reload-failed", reason="; ".join(failures), kept_addresses=None))
