@@ -33,7 +33,7 @@ Steps and targets:
 - 2 KB: `--messages` messages (10,000) of `--size` bytes (2,048) over `--sessions` (20) concurrent sessions,
   through the relay and through Postfix. Target: the relay forwards at least 2.0x as many messages per second
   as the Postfix forwarder.
-- 1 MB: `--big-messages` messages (200) of `--big-size` bytes (1,000,000) over `--big-sessions` (50)
+- 1 MB: `--big-messages` messages (500) of `--big-size` bytes (1,000,000) over `--big-sessions` (50)
   concurrent sessions, through both. Targets: 2.0x the Postfix forwarder's messages per second here too, and
   the relay's peak RSS at most 300 MB.
 - Each step runs `--rounds` times (3), the relay then Postfix in each round; the ratio of the median round is
@@ -675,7 +675,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=10_000, help="messages of the 2 KB runs (default 10,000)")
     parser.add_argument("--size", type=int, default=2048, help="bytes of each (default 2,048)")
     parser.add_argument("--sessions", type=int, default=20, help="smtp-source sessions at once (default 20)")
-    parser.add_argument("--big-messages", type=int, default=200, help="messages of the 1 MB runs (default 200)")
+    parser.add_argument("--big-messages", type=int, default=500, help="messages of the 1 MB runs (default 500)")
     parser.add_argument("--big-size", type=int, default=1_000_000, help="bytes of each (default 1,000,000)")
     parser.add_argument("--big-sessions", type=int, default=50, help="sessions at once (default 50)")
     parser.add_argument("--addresses", type=int, default=10_000, help="old addresses in the map (default 10,000)")
