@@ -941,7 +941,7 @@ EVENT_LOOPS = ["uvloop", "asyncio"]  # the loops a relay runs on ([relay] event_
 def relay_in_thread(make_handler: Callable[[Callable[[Any], None]], Any], controllers: list[Any],
                     event_loop: str = "auto") -> Relay:
     """Start a relay in a thread on a free loopback port with the handler make_handler(log) builds; its log is kept."""
-    from mailmerge_gov.forwarding.handler import relay_controller
+    from mailmerge_gov.forwarding.smtpserver import relay_controller
 
     records: list[Any] = []
     handler = make_handler(records.append)

@@ -10,10 +10,11 @@ import pytest
 
 from mailmerge_gov.forwarding import smtpinit
 from mailmerge_gov.forwarding.addressmap import parse_map
-from mailmerge_gov.forwarding.handler import RelayHandler, RelaySettings, RelaySMTP, smtp_options
+from mailmerge_gov.forwarding.handler import RelayHandler, RelaySettings
 from mailmerge_gov.forwarding.nexthop import NextHopSettings
 from mailmerge_gov.forwarding.smtpdata import (TOO_LONG, TOO_MUCH, DataLost, _find_line_dot, header_block, read_data,
                                                stuff, unstuff)
+from mailmerge_gov.forwarding.smtpserver import RelaySMTP, smtp_options
 
 LINE_LIMIT = 1001  # aiosmtpd's line_length_limit: 1000 octets with CRLF, and the transparency dot
 

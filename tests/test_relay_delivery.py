@@ -33,8 +33,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from conftest import started
 from mailmerge_gov.forwarding.addressmap import AddressMap, parse_map
-from mailmerge_gov.forwarding.handler import RelayController, RelayHandler, RelaySettings
+from mailmerge_gov.forwarding.handler import RelayHandler, RelaySettings
 from mailmerge_gov.forwarding.nexthop import NextHopSettings
+from mailmerge_gov.forwarding.smtpserver import RelayController
 from servers import EVENT_LOOPS, LOOPBACK, Relay, RelayDaemon, SmtpSink, free_port, relay_in_thread, require_program
 
 OLD_DOMAINS = ("binhduong.gov.vn", "brvt.gov.vn")

@@ -35,10 +35,11 @@ from mailmerge_gov.config import ConfigError, load_config
 from mailmerge_gov.forwarding import eventloop
 from mailmerge_gov.forwarding.addressmap import parse_map
 from mailmerge_gov.forwarding.daemon import server_tls_context
-from mailmerge_gov.forwarding.handler import (ArcSealer, RelayHandler, RelaySettings, TransactionRecord,
-                                              relay_controller)
+from mailmerge_gov.forwarding.arc import ArcSealer
+from mailmerge_gov.forwarding.handler import RelayHandler, RelaySettings, TransactionRecord
 from mailmerge_gov.forwarding.metrics import RelayMetrics, start_metrics_server
 from mailmerge_gov.forwarding.nexthop import NextHopSettings
+from mailmerge_gov.forwarding.smtpserver import relay_controller
 from servers import EVENT_LOOPS, LOOPBACK, free_port
 
 MAP = """\

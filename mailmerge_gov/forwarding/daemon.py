@@ -14,9 +14,11 @@ from pathlib import Path
 from mailmerge_gov.config import Config, ConfigError, load_config
 from mailmerge_gov.forwarding import eventloop, replies
 from mailmerge_gov.forwarding.addressmap import AddressMap, MapError, Outcome, load_map
-from mailmerge_gov.forwarding.handler import (ArcSealer, RelayHandler, RelaySettings, RelaySMTP, event, old_domains,
-                                              relay_settings, smtp_options, verdict_reply)
+from mailmerge_gov.forwarding.arc import ArcSealer
+from mailmerge_gov.forwarding.handler import (RelayHandler, RelaySettings, event, old_domains, relay_settings,
+                                              verdict_reply)
 from mailmerge_gov.forwarding.metrics import RelayMetrics, start_metrics_server
+from mailmerge_gov.forwarding.smtpserver import RelaySMTP, smtp_options
 from mailmerge_gov.forwarding.srs import Srs, SrsError, srs_from_config
 
 log = logging.getLogger("mailmerge_gov.forwarding")

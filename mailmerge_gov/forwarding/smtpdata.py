@@ -6,6 +6,8 @@ import asyncio
 import re
 from dataclasses import dataclass
 
+from aiosmtpd.smtp import Envelope
+
 # aiosmtpd 1.4 reads DATA one line at a time (a readuntil, a debug log call and a bytearray per line: about
 # 12,500 of each for a 1 MB message, and a list of them joined at the end). This module reads what the
 # client sent in the chunks the socket delivers and finds the end of data and the over-long lines with
@@ -183,3 +185,36 @@ def header_block(wire: bytes | bytearray) -> bytes:
         return b""
     end = wire.find(b"\r\n\r\n")
     return unstuff(wire if end < 0 else wire[: end + 2])
+
+
+class RelayEnvelope(Envelope):
+    """aiosmtpd's Envelope, holding the message in its wire form; the plain message is made only when asked for."""
+
+    def __init__(self) -> None:
+        """An empty envelope."""
+        self.wire: bytearray | None = None  # as the client sent it after DATA: dot-stuffed, CRLF at the end
+        self.wire_bare = False  # whether it has a bare CR or LF
+        self.wire_dots = 0  # its transparency dots
+        self._content: bytes | None = None
+        super().__init__()
+
+    @property
+    def original_content(self) -> bytes | None:  # type: ignore[override]
+        """The message without transparency dots (made from the wire form, once)."""
+        if self._content is None and self.wire is not None:
+            self._content = unstuff(self.wire)
+        return self._content
+
+    @original_content.setter
+    def original_content(self, value: bytes | None) -> None:
+        self._content = value
+
+    @property
+    def content(self) -> bytes | None:  # type: ignore[override]
+        """The message as bytes (the relay never decodes it)."""
+        return self.original_content
+
+    @content.setter
+    def content(self, value: bytes | None) -> None:
+        if value is not None:
+            self._content = value if isinstance(value, bytes) else value.encode("utf-8", "surrogateescape")

@@ -30,9 +30,11 @@ from mailmerge_gov.forwarding import eventloop
 from mailmerge_gov.forwarding.daemon import (RELOAD_ERRORS, Prepared, RelayError, listening_event, load_reloadable,
                                              server_tls_context, swap)
 from mailmerge_gov.forwarding.addressmap import AddressMap
-from mailmerge_gov.forwarding.handler import ArcSealer, RelayHandler, RelaySMTP, event, smtp_options
+from mailmerge_gov.forwarding.arc import ArcSealer
+from mailmerge_gov.forwarding.handler import RelayHandler, event
 from mailmerge_gov.forwarding.metrics import start_metrics_server_on
 from mailmerge_gov.forwarding.shared import LOG_LINE, SharedLimits, SharedMetrics, SharedState
+from mailmerge_gov.forwarding.smtpserver import RelaySMTP, smtp_options
 from mailmerge_gov.forwarding.srs import Srs
 
 log = logging.getLogger("mailmerge_gov.forwarding")
