@@ -51,6 +51,25 @@ class ServerStartError(RuntimeError):
     """A server did not become ready; the message holds the tail of its log."""
 
 
+def tied(args: list[str], user: str | None = None) -> list[str]:
+    """The command `args` run (as `user`, when given) so that it gets SIGKILL when the test process ends, however
+    it ends."""
+    # The servers run in sessions of their own (stop() kills the whole group), so a test run killed with
+    # SIGKILL, whose fixtures never tear down, used to leave them running. util-linux's setpriv sets the
+    # parent-death signal and then execs the server: same pid, nothing else changes. (preexec_fn could set it
+    # too, but is unsafe in a process with threads, as the web tests have.) The signal comes when the thread
+    # that started the server ends: fixtures run in pytest's main thread. The kernel clears the signal when a
+    # process changes its user, so one that must run as another user is started as that user by setpriv.
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return args
+    identity = []
+    if user is not None:
+        entry = pwd.getpwnam(user)
+        identity = ["--reuid", str(entry.pw_uid), "--regid", str(entry.pw_gid), "--clear-groups"]
+    return [setpriv, *identity, "--pdeathsig", "KILL", "--", *args]
+
+
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -272,7 +291,7 @@ class SlapdServer:
                 # "none" rather than the notes' 0: same quiet run, but the messages of level Any (start-up
                 # errors such as "bind(6) failed errno=98") still reach the log; with 0 the log stays empty.
                 self.proc = subprocess.Popen(
-                    [slapd, "-d", "none", "-h", f"{self.url}/", "-f", str(conf)],
+                    tied([slapd, "-d", "none", "-h", f"{self.url}/", "-f", str(conf)]),
                     stdout=out,
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
@@ -499,7 +518,7 @@ class DovecotServer:
         with stdout_log.open("ab") as out:
             # own session = own process group, so stop() can SIGKILL the whole tree at once (notes, section 2)
             self.proc = subprocess.Popen(
-                [dovecot, "-F", "-c", str(conf)],
+                tied([dovecot, "-F", "-c", str(conf)]),
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -803,18 +822,21 @@ class SmtpSink:
             self.port = free_port()
             self.dump_dir.mkdir()
             args = [sink, "-4", "-h", self.hostname, "-d", f"{self.dump_dir}/%Y%m%d%H%M%S.", *self.options]
+            user = None
             if os.geteuid() == 0:
                 # as root smtp-sink refuses to start without -u ("fatal: -u option is required if running as
-                # root"); it then writes the dump files as that user
-                args += ["-u", NOBODY]
+                # root"); it then writes the dump files as that user. tied() starts it as that user instead when
+                # it can: smtp-sink's own switch of user would clear the parent-death signal.
+                user = NOBODY
                 os.chown(self.dump_dir, pwd.getpwnam(NOBODY).pw_uid, -1)
+                if not shutil.which("setpriv"):
+                    args += ["-u", NOBODY]
             args += [f"{LOOPBACK}:{self.port}", "64"]
             log = self.dir / "smtp-sink.log"
             began = time.monotonic()
             with log.open("wb") as out:
-                self.proc = subprocess.Popen(
-                    args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-                )
+                self.proc = subprocess.Popen(tied(args, user), stdout=out, stderr=subprocess.STDOUT,
+                                             stdin=subprocess.DEVNULL, start_new_session=True)
             # -Q CONNECT / -q CONNECT never greet with 220: then a port that accepts connections is ready
             refuses = "CONNECT" in " ".join(self.options)
             wait_until(lambda: _accepts(self.port) if refuses else read_banner(self.port).startswith(b"220"),
@@ -844,7 +866,7 @@ class RelayDaemon:
     """`mailmerge-gov relay serve` in a child process; its stderr read line by line in a thread."""
 
     def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "mailmerge_gov", "relay", "serve", "-c", str(config)],
+        self.proc = subprocess.Popen(tied([sys.executable, "-m", "mailmerge_gov", "relay", "serve", "-c", str(config)]),
                                      stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                      env=env, start_new_session=True)
         self.lines: queue.Queue[str] = queue.Queue()

@@ -40,7 +40,7 @@ from mailmerge_gov.forwarding.handler import RelayHandler, RelaySettings, Transa
 from mailmerge_gov.forwarding.metrics import RelayMetrics, start_metrics_server
 from mailmerge_gov.forwarding.nexthop import NextHopSettings
 from mailmerge_gov.forwarding.smtpserver import relay_controller
-from servers import EVENT_LOOPS, LOOPBACK, free_port
+from servers import EVENT_LOOPS, LOOPBACK, free_port, tied
 
 MAP = """\
 old_address,new_address,valid_until
@@ -557,7 +557,7 @@ def test_serve_with_tls_and_metrics(tmp_path: Path, sink: Sink, tls_certificate:
                                     f'require_tls = true\nmax_connections_per_ip = 1\n'
                                     f'metrics_listen = "{LOOPBACK}:{metrics_port}"\nworkers = {workers}\n'
                                     f'event_loop = "{event_loop}"\n')
-    proc = subprocess.Popen([sys.executable, "-m", "mailmerge_gov", "relay", "serve", "-c", str(config)],
+    proc = subprocess.Popen(tied([sys.executable, "-m", "mailmerge_gov", "relay", "serve", "-c", str(config)]),
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env=os.environ.copy(), start_new_session=True)
     lines: queue.Queue[str] = queue.Queue()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import smtplib
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -343,3 +345,33 @@ def test_free_port_can_be_bound(free_port: Callable[[], int]) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
         assert sock.getsockname() == ("127.0.0.1", port)
+
+
+def test_a_server_does_not_outlive_a_test_run_killed_with_sigkill() -> None:
+    # A test process killed with SIGKILL runs no fixture teardown: the server must go with it all the same.
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); from servers import SmtpSink\n"
+            "sink = SmtpSink(); sink.start(); print(sink.proc.pid, sink.dir, flush=True); time.sleep(60)")
+    test_run = subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).parent)], stdout=subprocess.PIPE,
+                                text=True)
+    assert test_run.stdout is not None
+    pid, folder = test_run.stdout.readline().split(maxsplit=1)
+    try:
+        assert process_state(int(pid)) == "S"  # smtp-sink waits for clients
+        test_run.kill()
+        test_run.wait()
+        deadline = time.monotonic() + 5
+        while process_state(int(pid)) not in ("gone", "Z") and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert process_state(int(pid)) in ("gone", "Z")  # Z: ended, not yet reaped by init
+    finally:
+        if process_state(int(pid)) not in ("gone", "Z"):
+            os.kill(int(pid), 9)  # the server this test started, should the check above have failed
+        shutil.rmtree(folder.strip(), ignore_errors=True)
+
+
+def process_state(pid: int) -> str:
+    """The state letter of a process in /proc (S sleeping, Z ended...), or "gone"."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
