@@ -255,6 +255,7 @@ class Relay:
     next_hop: str | None = None
     max_message_size: int = 50 * 1024 * 1024
     max_recipients: int = 100
+    max_errors: int = 20  # refused commands in a session without a message relayed; then 421 and closed
     map: Path | None = None  # the address map CSV (old_address,new_address,valid_until)
     srs_domain: str | None = None  # envelope senders from elsewhere are rewritten onto this domain
     srs_secrets: tuple[Secret, ...] = ()  # the first signs, all verify (rotation)
@@ -924,6 +925,7 @@ def _read_relay(table: _Table) -> Relay:
         next_hop=next_hop,
         max_message_size=int(_positive(table, "max_message_size", 50 * 1024 * 1024, integer=True)),
         max_recipients=int(_positive(table, "max_recipients", 100, integer=True)),
+        max_errors=int(_positive(table, "max_errors", 20, integer=True)),
         map=table.path_value("map"),
         srs_domain=_domain(table, "srs_domain", srs_domain) if srs_domain is not None else None,
         srs_secrets=tuple(secrets), srs_hash_length=hash_length, srs_max_age_days=max_age,

@@ -105,6 +105,13 @@ class Relay:
             time.sleep(0.01)
         assert len(self.handler.connections) == count
 
+    def wait_records(self, count: int) -> list[TransactionRecord]:
+        """Wait until the relay has logged `count` transactions; those it logged."""
+        deadline = time.monotonic() + 5
+        while len(self.records) < count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return list(self.records)
+
     def metrics(self) -> str:
         """GET /metrics."""
         with urllib.request.urlopen(f"http://{LOOPBACK}:{self.metrics_port}/metrics", timeout=5) as response:
@@ -247,6 +254,46 @@ def test_connections_per_ip_and_overall(sink: Sink, start_relay: Callable[..., R
             metrics.get("connections_refused_total", "max_connections"), metrics.get("connections_total")) == (1, 1, 4)
     relay.wait_connections(0)
     assert relay.handler.per_ip == {} and metrics.get("connections_open") == 0
+
+
+# --- the error limit: RCPT floods -------------------------------------------------------------------------------
+
+TOO_MANY_ERRORS_LINES = (b"421-4.7.0 Qua nhieu lenh bi tu choi; ket noi duoc dong lai.\r\n"
+                         b"421 4.7.0 Error: too many errors\r\n")
+
+
+@pytest.mark.parametrize(("recipient", "accepted", "refused"), [
+    ("nobody@binhduong.gov.vn", 0, b"550 5.1.1 No such user <nobody@binhduong.gov.vn>\r\n"),  # unknown, again and again
+    ("nguyenvana@binhduong.gov.vn", 1, b"452 4.5.3 Too many recipients (at most 1 per message)\r\n"),  # over the limit
+    ("someone@example.com", 0, b"554 5.7.1 Relay access denied\r\n"),  # relaying attempts
+])
+def test_rcpt_flood_is_cut_off_at_the_error_limit(sink: Sink, start_relay: Callable[..., Relay], recipient: str,
+                                                  accepted: int, refused: bytes) -> None:
+    relay = start_relay(sink.port, max_recipients=1, max_errors=3)
+    with raw_connection(relay) as sock:
+        sock.sendall(b"EHLO mail.example.org\r\nMAIL FROM:<alice@example.org>\r\n"
+                     + f"RCPT TO:<{recipient}>\r\n".encode("ascii") * 50)  # pipelined, as a flood comes
+        answer = read_all(sock)  # until the relay closes the connection
+    lines = answer.split(b"\r\n")
+    assert answer.endswith(TOO_MANY_ERRORS_LINES)
+    assert answer.count(b"\r\n250 2.1.5 ") + answer.count(b"\r\n250 OK") == accepted
+    # three refusals (a reply's last line has a space after the code), then 421 and nothing more
+    assert answer.count(refused) == 3 and len([line for line in lines if line[:4] in (b"550 ", b"452 ", b"554 ")]) == 3
+    [record] = relay.wait_records(1)  # logged once the relay has seen the connection end
+    assert record.result == "too many errors" and len(record.recipients) == accepted + 3
+    assert relay.handler.metrics.get("error_limit_closes_total") == 1 and sink.messages == []
+
+
+def test_the_error_count_starts_again_after_a_relayed_message(sink: Sink, start_relay: Callable[..., Relay]) -> None:
+    relay = start_relay(sink.port, max_errors=3)
+    with relay.client() as client:
+        for _ in range(3):  # two refusals a transaction, then a message: never three refusals in a row
+            client.mail("alice@example.org")
+            assert [client.rcpt(to)[0] for to in ("nobody@binhduong.gov.vn", "lethic@binhduong.gov.vn",
+                                                  "nguyenvana@binhduong.gov.vn")] == [550, 550, 250]
+            assert client.data(MESSAGE)[0] == 250
+        assert client.noop() == (250, b"OK")
+    assert len(sink.messages) == 3 and relay.handler.metrics.get("error_limit_closes_total") == 0
 
 
 # --- long lines ---------------------------------------------------------------------------------------------------
@@ -419,6 +466,9 @@ mailmerge_relay_tls_failures_total 0
 # HELP mailmerge_relay_timeouts_total Client connections closed with 421 after [relay] timeout seconds of silence.
 # TYPE mailmerge_relay_timeouts_total counter
 mailmerge_relay_timeouts_total 0
+# HELP mailmerge_relay_error_limit_closes_total Client connections closed with 421 after [relay] max_errors refused commands without a message relayed.
+# TYPE mailmerge_relay_error_limit_closes_total counter
+mailmerge_relay_error_limit_closes_total 0
 """
 
 
@@ -463,17 +513,18 @@ def relay_config(tmp_path: Path, relay: str, map_text: str = MAP) -> Path:
 def test_hardening_keys(tmp_path: Path) -> None:
     relay = load_config(relay_config(tmp_path, 'tls_cert_file = "cert.pem"\ntls_key_file = "/etc/key.pem"\n'
                                                'require_tls = true\nmax_connections = 50\nmax_connections_per_ip = 5\n'
-                                               'metrics_listen = "[::1]:9425"\nevent_loop = "asyncio"\n')).relay
+                                               'metrics_listen = "[::1]:9425"\nevent_loop = "asyncio"\n'
+                                               'max_errors = 5\n')).relay
     assert (relay.tls_cert_file, relay.tls_key_file, relay.require_tls, relay.max_connections,
-            relay.max_connections_per_ip, relay.metrics_listen, relay.event_loop) == (
-        tmp_path / "cert.pem", Path("/etc/key.pem"), True, 50, 5, ("::1", 9425), "asyncio")
+            relay.max_connections_per_ip, relay.metrics_listen, relay.event_loop, relay.max_errors) == (
+        tmp_path / "cert.pem", Path("/etc/key.pem"), True, 50, 5, ("::1", 9425), "asyncio", 5)
 
 
 def test_hardening_defaults(tmp_path: Path) -> None:
     relay = load_config(relay_config(tmp_path, "")).relay
     assert (relay.tls_cert_file, relay.tls_key_file, relay.require_tls, relay.max_connections,
-            relay.max_connections_per_ip, relay.metrics_listen, relay.event_loop) == (None, None, False, 200, 20, None,
-                                                                                     "auto")
+            relay.max_connections_per_ip, relay.metrics_listen, relay.event_loop, relay.max_errors) == (
+        None, None, False, 200, 20, None, "auto", 20)
 
 
 @pytest.mark.parametrize(("relay", "message"), [
@@ -487,6 +538,7 @@ def test_hardening_defaults(tmp_path: Path) -> None:
     ("max_connections = 0\n", "relay.max_connections: must be greater than 0, got 0"),
     ("max_connections = 10\n", "relay.max_connections_per_ip: must be at most max_connections (10), got 20"),
     ('metrics_listen = "9425"\n', "relay.metrics_listen: '9425' is not host:port (use [::1]:25 for IPv6)"),
+    ("max_errors = 0\n", "relay.max_errors: must be greater than 0, got 0"),
     ('event_loop = "trio"\n', "relay.event_loop: must be \"auto\", \"uvloop\" or \"asyncio\", got a string ('trio')"),
 ])
 def test_hardening_key_errors(tmp_path: Path, relay: str, message: str) -> None:

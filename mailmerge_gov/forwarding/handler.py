@@ -50,6 +50,7 @@ class RelaySettings:
     hostname: str = "localhost"
     max_message_size: int = 50 * 1024 * 1024
     max_recipients: int = 100
+    max_errors: int = 20  # refused commands in a session without a message relayed (Postfix's hard error limit)
     max_hops: int = 50
     timeout: float = 300.0
     require_tls: bool = False  # MAIL only after STARTTLS (when the relay has a certificate)
@@ -75,6 +76,7 @@ def relay_settings(config: Config) -> RelaySettings:
     relay = config.relay
     return RelaySettings(next_hop=next_hop_settings(config), hostname=relay.hostname,
                          max_message_size=relay.max_message_size, max_recipients=relay.max_recipients,
+                         max_errors=relay.max_errors,
                          max_hops=relay.max_hops, timeout=relay.timeout, require_tls=relay.require_tls,
                          max_connections=relay.max_connections, max_connections_per_ip=relay.max_connections_per_ip)
 
@@ -595,6 +597,16 @@ class RelayHandler:
         state = self.sessions.get(session) if session is not None else None
         if ends_transaction and session is not None and state is not None:
             self._finish(session, state, reply.one_line())
+
+    def too_many_errors(self, server: SMTP) -> Reply:
+        """Count a client closed at the error limit; its open transaction is logged with that result."""
+        self.metrics.add("error_limit_closes_total")
+        session = server.session
+        state = self.sessions.get(session) if session is not None else None
+        if state is not None:
+            state.closed_with = "too many errors"
+        log.info("%s", event("too-many-errors", client=_client(session), limit=self.settings.max_errors))
+        return replies.render(421, "4.7.0", "too_many_errors")
 
     def connection_timed_out(self, server: SMTP) -> None:
         """Count a client closed for silence; its open transaction is logged with that result."""

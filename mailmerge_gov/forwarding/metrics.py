@@ -49,6 +49,8 @@ FAMILIES = (
            label="reason", values=("tls-required", "command-too-long")),
     Family("tls_failures_total", "STARTTLS handshakes that failed (the connection is closed)."),
     Family("timeouts_total", "Client connections closed with 421 after [relay] timeout seconds of silence."),
+    Family("error_limit_closes_total", "Client connections closed with 421 after [relay] max_errors refused commands "
+                                       "without a message relayed."),
 )
 _FAMILIES = {family.name: family for family in FAMILIES}
 

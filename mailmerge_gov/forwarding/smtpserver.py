@@ -50,6 +50,7 @@ class RelaySMTP(SMTP):
         self._reading_message = False
         self._message: DataReader | None = None  # while DATA is read: the bytes go to it, not to the StreamReader
         self._message_read: asyncio.Future[DataRead] | None = None
+        self._errors = 0  # refusals since the session began or a message was last relayed ([relay] max_errors)
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """The path exactly as sent (source route kept): the handler decides, not the lenient RFC 5322 parser."""
@@ -151,7 +152,10 @@ class RelaySMTP(SMTP):
             envelope.original_content = envelope.content = unstuff(read.wire)
         status = await self._call_handler_hook("DATA")
         self._set_post_data_state()
-        await self.push("250 OK" if status is MISSING else status)
+        final = "250 OK" if status is MISSING else status
+        await self.push(final)
+        if isinstance(final, str) and final.startswith("2"):
+            self._errors = 0  # the limit is on refusals without mail relayed, as in Postfix
 
     async def _read_message(self) -> DataRead:
         """The message after 354, fed by data_received straight from the transport."""
@@ -184,10 +188,29 @@ class RelaySMTP(SMTP):
         await super().smtp_EHLO(hostname)
 
     async def push(self, status: AnyStr) -> None:
-        """Send a reply; aiosmtpd's own refusals get enhanced status codes and words from the templates."""
+        """Send a reply; aiosmtpd's own refusals get enhanced status codes and words from the templates; a client
+        refused [relay] max_errors times without a message relayed is told 421 and disconnected."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return  # closed at the error limit: pipelined commands still being read get no reply
         if isinstance(status, str):
             status = self._reword(status)  # type: ignore[assignment]
         await super().push(status)
+        handler = self.event_handler
+        if not isinstance(handler, RelayHandler) or not isinstance(status, str) or status[:1] not in ("4", "5"):
+            return
+        # Each refusal counts, as in Postfix's smtpd_hard_error_limit: a client that floods RCPT with unknown
+        # addresses (or with more than max_recipients) or repeats bad commands is cut off after max_errors.
+        self._errors += 1
+        if self._errors >= handler.settings.max_errors and not status.startswith("421"):
+            transport = self.transport
+            if transport is not None and not transport.is_closing():
+                reply = str(handler.too_many_errors(self)).encode("ascii") + b"\r\n"
+                transport.write(reply)  # type: ignore[attr-defined]
+                transport.close()
+                # aiosmtpd's command loop runs while self.transport is set: without it, the commands the client
+                # pipelined behind this one are not run (no next-hop call for them); connection_lost follows.
+                self.transport = None
 
     def _reword(self, status: str) -> str:
         """The relay's reply for one of aiosmtpd's fixed replies (counted in the metrics); others unchanged."""
