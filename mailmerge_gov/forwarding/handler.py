@@ -453,7 +453,7 @@ class RelayHandler:
             if hop.in_transaction:
                 await self._call(state, hop.rset(), "rset")  # the previous client transaction ended without DATA
             if utf8 and not hop.supports("smtputf8"):
-                return Reply(550, "5.6.7", ("Next hop does not support SMTPUTF8",))
+                return replies.render(550, "5.6.7", "next_hop_without_smtputf8")
             answer = await self._call(state, hop.mail(tx.relayed_from, self._mail_options(envelope, hop), utf8), "mail")
             if answer.positive:
                 tx.hop_open = True

@@ -50,8 +50,10 @@ def to_ascii(text: str) -> str:
 def render(code: int, status: str, name: str, **values: object) -> Reply:
     """Render the reply template `name` into a Reply with ASCII-only lines."""
     macro = getattr(_ENV.get_template("relay/replies.txt").module, name)
-    text = str(macro(**values))
-    lines = tuple(to_ascii(line.strip())[:MAX_LINE] for line in text.splitlines() if line.strip())
+    # Values come from the client (an address): made safe before they go in, so a CR, VT, NEL or U+2028 in
+    # one becomes '?' rather than a line break; only the template's own newlines make lines.
+    text = str(macro(**{key: to_ascii(value) if isinstance(value, str) else value for key, value in values.items()}))
+    lines = tuple(to_ascii(line.strip())[:MAX_LINE] for line in text.split("\n") if line.strip())
     return Reply(code, status, lines)
 
 
