@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import re
 import signal
 import smtplib
 import time
@@ -93,6 +95,24 @@ def test_relay_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, address: s
     path = relay_config(tmp_path, 'map = "map.csv"\nsrs_domain = "srs.binhduong.gov.vn"\n'
                                   '[[relay.srs_secrets]]\npassword_env = "MMG_TEST_SRS"\n')
     assert run("relay", "check", "-c", str(path), address, "--date", day) == (0, "\n".join(lines) + "\n")
+
+
+def test_relay_check_without_a_date_is_on_the_local_today(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = relay_config(tmp_path, 'map = "map.csv"\n', LIVE_MAP)
+    # a time zone whose date differs from UTC's right now: UTC-12 before noon UTC, UTC+14 from 10:00 UTC
+    monkeypatch.setenv("TZ", "MMG+12" if dt.datetime.now(dt.UTC).hour < 12 else "MMG-14")
+    time.tzset()
+    try:
+        before = dt.date.today()
+        assert before != dt.datetime.now(dt.UTC).date()
+        code, output = run("relay", "check", "-c", str(path), "nguyenvana@binhduong.gov.vn")
+        after = dt.date.today()
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    assert code == 0 and output in {
+        f"nguyenvana@binhduong.gov.vn on {day.isoformat()}: forward to annv@hcm.gov.vn (until 2099-12-31)\n"
+        "reply: the next hop's answer to RCPT TO:<annv@hcm.gov.vn>\n" for day in (before, after)}
 
 
 def test_relay_check_without_a_map(tmp_path: Path) -> None:
@@ -279,3 +299,39 @@ def test_serve_logs_reloads_and_drains(daemon_setup: tuple[Path, Sink, int]) -> 
         assert len(sink.messages) == 2
     finally:
         daemon.stop()
+
+
+def test_serve_logs_one_json_line_per_transaction(daemon_setup: tuple[Path, Sink, int]) -> None:
+    config, sink, port = daemon_setup
+    daemon = RelayDaemon(config, {**os.environ, "TZ": "Asia/Ho_Chi_Minh"})
+    try:
+        daemon.event("listening")
+        with smtplib.SMTP(LOOPBACK, port, local_hostname="client.test", timeout=10) as client:
+            assert client.sendmail("alice@example.org", ["nguyenvana@binhduong.gov.vn", "lethic@binhduong.gov.vn",
+                                                         "nobody@binhduong.gov.vn"], b"Subject: hi\r\n\r\nbody\r\n") \
+                == {"lethic@binhduong.gov.vn": (550, b"5.1.6 Dia chi nay da ngung su dung; nguoi nhan da chuyen sang "
+                                                     b"dia chi moi <clt@hcm.gov.vn>, vui long gui lai thu toi dia chi "
+                                                     b"moi.\n5.1.6 User has moved; please use <clt@hcm.gov.vn>"),
+                    "nobody@binhduong.gov.vn": (550, b"5.1.1 Khong co hop thu <nobody@binhduong.gov.vn> trong ten "
+                                                     b"mien cu.\n5.1.1 No such user <nobody@binhduong.gov.vn>")}
+        logged = daemon.event("transaction")
+    finally:
+        daemon.stop()
+    [(_, _, content)] = sink.messages
+    started = dt.datetime.fromisoformat(logged.pop("time"))
+    assert started.utcoffset() == dt.timedelta(hours=7)  # the local time of the relay's machine
+    assert abs(dt.datetime.now(dt.UTC) - started) < dt.timedelta(minutes=1)
+    assert re.fullmatch(r"[0-9A-F]{12}", logged.pop("id"))
+    assert logged == {
+        "event": "transaction", "client": "127.0.0.1", "helo": "client.test",
+        "from": "alice@example.org", "mail_from": "alice@example.org", "relayed_from": "alice@example.org",
+        "recipients": [  # old -> new, and what the client was told for each
+            {"to": "nguyenvana@binhduong.gov.vn", "verdict": "forward", "new": "annv@hcm.gov.vn", "reply": "250 OK"},
+            {"to": "lethic@binhduong.gov.vn", "verdict": "moved", "new": "clt@hcm.gov.vn",
+             "reply": "550 5.1.6 Dia chi nay da ngung su dung; nguoi nhan da chuyen sang dia chi moi <clt@hcm.gov.vn>, "
+                      "vui long gui lai thu toi dia chi moi. / User has moved; please use <clt@hcm.gov.vn>"},
+            {"to": "nobody@binhduong.gov.vn", "verdict": "unknown", "new": None,
+             "reply": "550 5.1.1 Khong co hop thu <nobody@binhduong.gov.vn> trong ten mien cu. / "
+                      "No such user <nobody@binhduong.gov.vn>"}],
+        "size": len(content),  # as sent to the next hop: with the relay's Received and Delivered-To
+        "next_hop": "250 2.0.0 Ok: queued", "result": "250 2.0.0 Ok: queued"}

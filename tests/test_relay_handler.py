@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -15,7 +17,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from conftest import started
 from mailmerge_gov.forwarding.addressmap import AddressMap, parse_map
-from mailmerge_gov.forwarding.handler import RelayHandler, RelaySettings, TransactionRecord
+from mailmerge_gov.forwarding.handler import HEADER_ALLOWANCE, RelayHandler, RelaySettings, TransactionRecord
 from mailmerge_gov.forwarding.nexthop import NextHopSettings
 from mailmerge_gov.forwarding.smtpdata import unstuff
 from mailmerge_gov.forwarding.srs import Srs
@@ -441,19 +443,45 @@ def test_waiting_for_the_next_hop_does_not_time_the_client_out(sink: SinkHandler
     assert len(sink.messages) == 1
 
 
-def test_handler_exception_is_451_without_internals(sink: SinkHandler, start_relay: Callable[..., Relay]) -> None:
-    class Broken:
-        def lookup(self, address: str, today: dt.date) -> None:
-            raise RuntimeError("database password is hunter2")
+def _broken(*args: object, **kwargs: object) -> None:
+    raise RuntimeError("database password is hunter2")
 
+
+class Broken:
+    """An address map or SRS whose every call fails."""
+
+    lookup = forward = staticmethod(_broken)
+
+
+# What breaks, set just before the command of that hook: the SRS rewriting of the sender (MAIL), the address
+# map (RCPT), the clock of the Received field (DATA).
+BREAKERS: dict[str, Callable[[RelayHandler], None]] = {
+    "MAIL": lambda handler: setattr(handler, "srs", Broken()),
+    "RCPT": lambda handler: setattr(handler, "address_map", Broken()),
+    "DATA": lambda handler: setattr(handler, "clock", _broken),
+}
+
+
+@pytest.mark.parametrize("hook", ["MAIL", "RCPT", "DATA"])
+def test_handler_exception_is_451_without_internals(sink: SinkHandler, start_relay: Callable[..., Relay],
+                                                    caplog: pytest.LogCaptureFixture, hook: str) -> None:
     relay = start_relay(sink.port)
-    relay.handler.address_map = Broken()  # type: ignore[assignment]
-    with relay.client() as client:
-        client.mail("alice@example.org")
-        code, text = client.rcpt("nguyenvana@binhduong.gov.vn")
-        assert (code, text) == (451, b"4.3.0 Loi tam thoi o may chu chuyen tiep; vui long thu lai sau.\n"
-                                     b"4.3.0 Temporary relay error; try again later")
-        assert client.noop()[0] == 250
+    commands = {"MAIL": lambda: client.mail("alice@example.org"),
+                "RCPT": lambda: client.rcpt("nguyenvana@binhduong.gov.vn"),
+                "DATA": lambda: client.data(MESSAGE)}
+    with caplog.at_level(logging.ERROR, logger="mailmerge_gov.forwarding"), relay.client() as client:
+        for command, send in commands.items():
+            if command == hook:
+                BREAKERS[hook](relay.handler)
+                assert send() == (451, b"4.3.0 Loi tam thoi o may chu chuyen tiep; vui long thu lai sau.\n"
+                                       b"4.3.0 Temporary relay error; try again later")
+                break
+            assert send()[0] == 250
+        assert client.noop() == (250, b"OK")
+    assert sink.messages == [] and "DATA" not in sink.commands
+    [logged] = [json.loads(r.getMessage()) for r in caplog.records if r.name == "mailmerge_gov.forwarding"]
+    assert (logged["event"], logged["hook"], logged["client"]) == ("error", f"handle_{hook}", "127.0.0.1")
+    assert logged["error"].endswith("RuntimeError: database password is hunter2\n")
 
 
 # --- SMTP smuggling --------------------------------------------------------------------------------------------
@@ -581,21 +609,127 @@ def test_a_client_gone_mid_data_delivers_nothing(sink: SinkHandler, start_relay:
     assert sink.messages == [] and "DATA" not in sink.commands
 
 
-@pytest.mark.parametrize("address", [
-    '"a\\r\\nBcc: victim@example.org"@binhduong.gov.vn',  # a quoted local part carrying a header
-    "nguyenvana@binhduong.gov.vn\u2028Bcc: victim@example.org",  # a Unicode line separator
-    "nguyenvana@binhduong.gov.vn\rBcc: victim@example.org",  # a bare CR inside the command
+@pytest.mark.parametrize(("address", "verdict", "code", "status", "last_line"), [
+    # a quoted local part carrying a header: valid SMTP (\\r is a quoted pair), never forwarded
+    ('"a\\r\\nBcc: victim@example.org"@binhduong.gov.vn', "unknown", 550, b"5.1.1",
+     b'5.1.1 No such user <"a\\r\\nBcc: victim@example.org"@binhduong.gov.vn>'),
+    # a Unicode line separator, without SMTPUTF8
+    ("nguyenvana@binhduong.gov.vn\u2028Bcc: victim@example.org", "smtputf8-required", 553, b"5.6.7",
+     b"5.6.7 Non-ASCII address without the SMTPUTF8 parameter"),
+    # a bare CR inside the command: not an address at all; its last @ is in example.org
+    ("nguyenvana@binhduong.gov.vn\rBcc: victim@example.org", "relay-denied", 554, b"5.7.1",
+     b"5.7.1 Relay access denied"),
 ])
 def test_header_injection_through_an_address_goes_nowhere(sink: SinkHandler, start_relay: Callable[..., Relay],
-                                                          address: str) -> None:
+                                                          address: str, verdict: str, code: int, status: bytes,
+                                                          last_line: bytes) -> None:
     relay = start_relay(sink.port)
     with relay.client() as client:
         client.mail("alice@example.org")
         client.send(f"RCPT TO:<{address}>\r\n".encode("utf-8"))  # raw: smtplib refuses to send such lines
-        code, _ = client.getreply()
-        assert 500 <= code < 600
+        reply_code, text = client.getreply()
+        lines = text.split(b"\n")
+        assert (reply_code, lines[-1]) == (code, last_line)
+        assert all(line.startswith(status + b" ") for line in lines)
+        assert client.docmd("DATA") == (503, b"Error: need RCPT command")
         client.rset()
     assert sink.messages == [] and not any(c.startswith("RCPT") for c in sink.commands)
+    [record] = relay.wait_records(1)
+    assert [(r.to, r.verdict, r.new) for r in record.recipients] == [(address, verdict, None)]
+
+
+@pytest.mark.parametrize("separator", ["\r", "\x0b", "\x0c", "\x1c", "\x85", "\u2028"])
+def test_control_characters_of_an_echoed_address_stay_in_their_reply_line(
+        sink: SinkHandler, start_relay: Callable[..., Relay], separator: str) -> None:
+    relay = start_relay(sink.port)
+    with relay.client() as client:
+        client.mail("alice@example.org", ["SMTPUTF8"])
+        client.send(f"RCPT TO:<nguyenvana@binhduong.gov.vn{separator}Bcc: victim@example.org>\r\n".encode("utf-8"))
+        assert client.getreply() == (554, b"5.7.1 May chu nay chi nhan thu cho cac dia chi cu cua don vi, khong chuyen "
+                                          b"tiep thu cho <nguyenvana@binhduong.gov.vn?Bcc: victim@example.org>.\n"
+                                          b"5.7.1 Relay access denied")
+
+
+@pytest.mark.parametrize("sender", [
+    "trần@example.org".encode(),  # UTF-8 local part
+    "an@bộ.example.org".encode(),  # UTF-8 domain (a U-label)
+    b"tr\xe0n@example.org",  # 8-bit, not even UTF-8
+])
+def test_non_ascii_sender_needs_smtputf8(sink: SinkHandler, start_relay: Callable[..., Relay], sender: bytes) -> None:
+    relay = start_relay(sink.port)
+    with relay.client() as client:
+        client.send(b"MAIL FROM:<" + sender + b">\r\n")
+        assert client.getreply() == (553, b"5.6.7 Dia chi co ky tu ngoai ASCII chi duoc nhan khi lenh MAIL co tham so "
+                                          b"SMTPUTF8.\n5.6.7 Non-ASCII address without the SMTPUTF8 parameter")
+        # no transaction was opened
+        assert client.rcpt("nguyenvana@binhduong.gov.vn") == (503, b"Error: need MAIL command")
+    assert sink.commands == [] and relay.records == []
+
+
+@pytest.fixture
+def ascii_sink() -> Iterator[SinkHandler]:
+    """A next hop that does not announce SMTPUTF8."""
+    handler = SinkHandler()
+    controller = Controller(handler, hostname=LOOPBACK, port=free_port(), server_hostname="mx.hcm.test",
+                            enable_SMTPUTF8=False)
+    controller.start()
+    handler.port = controller.port  # type: ignore[attr-defined]
+    try:
+        yield handler
+    finally:
+        controller.stop()
+
+
+NO_SMTPUTF8 = ("550 5.6.7 May chu thu moi khong nhan dia chi co ky tu ngoai ASCII (SMTPUTF8); hay gui toi dia chi chi "
+               "gom ky tu ASCII. / Next hop does not support SMTPUTF8")
+
+
+def test_smtputf8_to_a_next_hop_without_it_is_refused(ascii_sink: SinkHandler,
+                                                      start_relay: Callable[..., Relay]) -> None:
+    relay = start_relay(ascii_sink.port)
+    refused = (550, b"5.6.7 May chu thu moi khong nhan dia chi co ky tu ngoai ASCII (SMTPUTF8); hay gui toi dia chi "
+                    b"chi gom ky tu ASCII.\n5.6.7 Next hop does not support SMTPUTF8")
+    with relay.client() as client:
+        assert client.mail("alice@example.org", ["SMTPUTF8"]) == (250, b"2.1.0 OK")
+        assert client.rcpt("trần@binhduong.gov.vn") == refused
+        assert client.rcpt("nguyenvana@binhduong.gov.vn") == refused  # the transaction cannot go there at all
+        assert client.docmd("DATA") == (503, b"Error: need RCPT command")
+        client.rset()
+        # without SMTPUTF8 the same next hop, over the same connection, takes the mail
+        assert client.sendmail("alice@example.org", ["nguyenvana@binhduong.gov.vn"], MESSAGE) == {}
+    assert ascii_sink.commands == ["MAIL SRS0=YGd8Ke=7U=example.org=alice@srs.binhduong.gov.vn "
+                                   f"SIZE={len(MESSAGE) + HEADER_ALLOWANCE}", "RCPT annv@hcm.gov.vn", "DATA"]
+    first = relay.wait_records(2)[0]
+    assert [(r.to, r.verdict, r.new, r.reply) for r in first.recipients] == [
+        ("trần@binhduong.gov.vn", "forward", "tranvan@hcm.gov.vn", NO_SMTPUTF8),
+        ("nguyenvana@binhduong.gov.vn", "forward", "annv@hcm.gov.vn", NO_SMTPUTF8)]
+    assert (first.result, first.next_hop) == ("no DATA (RSET)", "")
+
+
+# Raw UTF-8 in the header (RFC 6532): Vietnamese display names and subject, no encoded words.
+VIETNAMESE = ("From: Nguyễn Văn An <an@example.org>\r\n"
+              "To: \"Trần Thị B\" <tranthib@binhduong.gov.vn>, Nguyễn Văn A <nguyenvana@binhduong.gov.vn>\r\n"
+              "Subject: Giấy mời họp Sở Nội vụ\r\nMessage-ID: <2@example.org>\r\n"
+              "\r\nKính gửi anh Đức,\r\n.Đây là dòng bắt đầu bằng dấu chấm.\r\n").encode("utf-8")
+
+
+@pytest.mark.parametrize(("options", "recipient", "new", "protocol"), [
+    (["SMTPUTF8", "BODY=8BITMIME"], "trần@binhduong.gov.vn", "tranvan@hcm.gov.vn", b"UTF8ESMTP"),
+    (["SMTPUTF8", "BODY=8BITMIME"], "nguyenvana@binhduong.gov.vn", "annv@hcm.gov.vn", b"UTF8ESMTP"),
+    # 8-bit header fields without SMTPUTF8 (RFC 6532 wants it; old clients do it anyway): untouched too
+    (["BODY=8BITMIME"], "nguyenvana@binhduong.gov.vn", "annv@hcm.gov.vn", b"ESMTP"),
+])
+def test_vietnamese_header_bytes_pass_through(sink: SinkHandler, start_relay: Callable[..., Relay],
+                                              options: list[str], recipient: str, new: str, protocol: bytes) -> None:
+    relay = start_relay(sink.port)
+    with relay.client() as client:
+        assert client.sendmail("an@example.org", [recipient], VIETNAMESE, mail_options=options) == {}
+    [record] = relay.wait_records(1)
+    [message] = sink.messages
+    assert (message.rcpt_tos, message.mail_options) == (
+        [new], [f"SIZE={len(VIETNAMESE) + HEADER_ALLOWANCE}", *options])
+    received = received_of(record, recipient).replace(b"with ESMTP", b"with " + protocol)
+    assert message.content == (received + b"Delivered-To: " + recipient.encode() + b"\r\n" + VIETNAMESE)
 
 
 @pytest.mark.parametrize(("raw", "clean"), [
