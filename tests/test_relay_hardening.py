@@ -717,11 +717,12 @@ def test_arc_seal_over_an_intact_dkim_signature(sink: Sink, start_relay: Callabl
     with relay.client() as client:
         assert client.sendmail("alice@example.org", ["nguyenvana@binhduong.gov.vn"], signed(dkim_keys)) == {}
     [(_, content)] = sink.messages
-    assert [line.split(b":")[0] for line in content.split(b"\r\n") if line[:1].isalpha()][:6] == [
-        b"ARC-Seal", b"ARC-Message-Signature", b"ARC-Authentication-Results", b"Received", b"Delivered-To",
-        b"DKIM-Signature"]
+    assert [line.split(b":")[0] for line in content.split(b"\r\n") if line[:1].isalpha()][:7] == [
+        b"ARC-Seal", b"ARC-Message-Signature", b"ARC-Authentication-Results", b"Authentication-Results",
+        b"Received", b"Delivered-To", b"DKIM-Signature"]
     assert field(content, b"ARC-Authentication-Results") == (
         b"i=1; relay.test; dkim=pass header.d=example.org header.s=sel; arc=none")
+    assert field(content, b"Authentication-Results") == b"relay.test; dkim=pass header.d=example.org header.s=sel; arc=none"
     dns = dns_of(dkim_keys)
     assert dkim.arc_verify(content, dnsfunc=dns)[0] == b"pass"
     assert dkim.verify(content, dnsfunc=dns)  # the sender's signature still verifies at the next hop

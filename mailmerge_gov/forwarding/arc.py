@@ -22,17 +22,19 @@ class ArcSealer:
     dns_timeout: float = 5.0
 
     def seal(self, message: bytes) -> tuple[bytes, str]:
-        """The ARC set to prepend to a CRLF message (empty if dkimpy made none) and the results it records."""
+        """The fields to prepend to a CRLF message, the ARC set above the relay's Authentication-Results (empty if
+        dkimpy made no ARC set), and the results they record."""
         import dkim  # dkimpy and authres are needed only when [relay] arc_* is set
 
         lookup = {"dnsfunc": self.dnsfunc} if self.dnsfunc is not None else {}
         results = [self._dkim_result(message, lookup), f"arc={self._arc_result(message, lookup)}"]
-        # dkimpy takes what the relay checked from an Authentication-Results field of our authserv-id; that field
-        # is input only: the ARC-Authentication-Results it writes carries the same, and the message stays as sent.
+        # dkimpy takes what the relay checked from an Authentication-Results field of our authserv-id (RFC 8617
+        # 5.1.1: the seal records the checks made at this hop). The field goes on the message too, under the
+        # ARC set, as in what dkimpy signed: the next hop sees the relay's verdict as well as the seal.
         checked = f"Authentication-Results: {self.authserv_id}; {'; '.join(results)}\r\n".encode("ascii")
         fields = dkim.arc_sign(checked + message, self.selector.encode("ascii"), self.domain.encode("ascii"),
                                self.key, self.authserv_id.encode("ascii"))
-        return b"".join(fields), "; ".join(results)
+        return (b"".join(fields) + checked if fields else b""), "; ".join(results)
 
     def _dkim_result(self, message: bytes, lookup: dict[str, Any]) -> str:
         """dkim=pass/fail/... of the first DKIM signature, as in an Authentication-Results field (RFC 8601)."""
