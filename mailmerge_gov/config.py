@@ -972,7 +972,7 @@ def _read_relay_hardening(table: _Table) -> dict[str, Any]:
             "arc_key_file": table.path_value("arc_key_file"),
             "tls_cert_file": cert, "tls_key_file": key, "require_tls": require_tls,
             "max_connections": max_connections, "max_connections_per_ip": per_ip,
-            "metrics_listen": _host_port(table, "metrics_listen", metrics) if metrics is not None else None,
+            "metrics_listen": _loopback(table, "metrics_listen", metrics) if metrics is not None else None,
             "workers": _workers(table), "event_loop": _event_loop(table)}
 
 
@@ -994,6 +994,21 @@ def _event_loop(table: _Table) -> str:
     if value in ("auto", "uvloop", "asyncio"):
         return str(value)
     raise table.error("event_loop", f'must be "auto", "uvloop" or "asyncio", got {_describe(value)}')
+
+
+def _loopback(table: _Table, key: str, value: str) -> tuple[str, int]:
+    """A host:port on a loopback address only (127.0.0.0/8, ::1 or localhost)."""
+    host, port = _host_port(table, key, value)
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        # The counters have no login: they stay on the relay's own host, where Prometheus or its node exporter
+        # runs, or behind a proxy that does the authentication.
+        raise table.error(key, f"'{value}' is not a loopback address: the metrics are served without a login, "
+                               "so only on 127.0.0.1, [::1] or localhost")
+    return host, port
 
 
 def _host_port(table: _Table, key: str, value: str) -> tuple[str, int]:

@@ -538,6 +538,11 @@ def test_hardening_defaults(tmp_path: Path) -> None:
     ("max_connections = 0\n", "relay.max_connections: must be greater than 0, got 0"),
     ("max_connections = 10\n", "relay.max_connections_per_ip: must be at most max_connections (10), got 20"),
     ('metrics_listen = "9425"\n', "relay.metrics_listen: '9425' is not host:port (use [::1]:25 for IPv6)"),
+    ('metrics_listen = "0.0.0.0:9425"\n', "relay.metrics_listen: '0.0.0.0:9425' is not a loopback address: the metrics "
+                                       "are served without a login, so only on 127.0.0.1, [::1] or localhost"),
+    ('metrics_listen = "[2001:db8::1]:9425"\n', "relay.metrics_listen: '[2001:db8::1]:9425' is not a loopback address: "
+                                             "the metrics are served without a login, so only on 127.0.0.1, [::1] "
+                                             "or localhost"),
     ("max_errors = 0\n", "relay.max_errors: must be greater than 0, got 0"),
     ('event_loop = "trio"\n', "relay.event_loop: must be \"auto\", \"uvloop\" or \"asyncio\", got a string ('trio')"),
 ])
