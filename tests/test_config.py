@@ -1,5 +1,6 @@
 """consolidation.toml: the example loads; every kind of mistake names the file, line and key."""
 
+import configparser
 import datetime as dt
 from pathlib import Path
 
@@ -170,3 +171,18 @@ def test_the_relay_example_config_loads(example_dir: Path) -> None:
     config = load_config(example_dir.parent.parent / "forwarding" / "relay.example.toml")
     assert (config.relay.listen_host, config.relay.listen_port, config.relay.next_hop) == (
         "0.0.0.0", 25, "smtp://mx.hcm.gov.vn:25")
+
+
+def test_the_relay_unit_file_runs_it_unprivileged_and_waits_for_its_drain(example_dir: Path) -> None:
+    forwarding = example_dir.parent.parent / "forwarding"
+    parser = configparser.ConfigParser(interpolation=None, strict=False)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]  # systemd keys keep their case
+    parser.read(forwarding / "mailmerge-gov-relay.service", encoding="utf-8")
+    service = parser["Service"]
+    assert (service["User"], service["AmbientCapabilities"], service["CapabilityBoundingSet"],
+            service["NoNewPrivileges"]) == ("mailmerge-relay", "CAP_NET_BIND_SERVICE", "CAP_NET_BIND_SERVICE", "yes")
+    assert service["ExecStart"].split()[1:] == ["relay", "serve", "-c", "/etc/mailmerge-gov/relay.toml"]
+    assert service["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    # systemd must not kill the relay while it drains: shutdown_timeout, then a next-hop call, then 10 s
+    relay = load_config(forwarding / "relay.example.toml").relay
+    assert int(service["TimeoutStopSec"]) > relay.shutdown_timeout + relay.next_hop_timeout + 10
