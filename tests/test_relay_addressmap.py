@@ -31,6 +31,15 @@ def address_map() -> AddressMap:
 FORWARD, MOVED, UNKNOWN, DENIED = Outcome.FORWARD, Outcome.MOVED, Outcome.UNKNOWN, Outcome.RELAY_DENIED
 
 
+@pytest.mark.parametrize("address", ["postmaster", "PostMaster"])
+def test_postmaster_without_a_domain_is_the_first_old_domain_s(address: str) -> None:
+    # RFC 5321 4.5.1: <postmaster> needs no domain; the relay takes it as the first old domain's (by name)
+    lines = "postmaster@sotc.binhduong.gov.vn,vp@hcm.gov.vn,2026-06-30\nPostmaster@BRVT.gov.vn,ht@hcm.gov.vn,2026-06-30\n"
+    with_postmasters = parse_map(MAP + lines, "map.csv", OLD_DOMAINS)
+    assert with_postmasters.lookup(address, TODAY) == Verdict(FORWARD, address, "ht@hcm.gov.vn", dt.date(2026, 6, 30))
+    assert with_postmasters.lookup(address, dt.date(2026, 7, 1)).outcome == MOVED
+
+
 @pytest.mark.parametrize(("address", "day", "outcome", "new_address", "reason"), [
     pytest.param("nguyenvana@binhduong.gov.vn", TODAY, FORWARD, "annv@hcm.gov.vn", "", id="forward"),
     pytest.param("NguyenVanA@BinhDuong.GOV.VN", TODAY, FORWARD, "annv@hcm.gov.vn", "", id="case-insensitive"),
@@ -61,6 +70,8 @@ FORWARD, MOVED, UNKNOWN, DENIED = Outcome.FORWARD, Outcome.MOVED, Outcome.UNKNOW
     pytest.param("nguyenvana@[127.0.0.1]", TODAY, DENIED, None, "[127.0.0.1] is an address literal", id="ipv4-literal"),
     pytest.param("nguyenvana@[IPv6:::1]", TODAY, DENIED, None, "[IPv6:::1] is an address literal", id="ipv6-literal"),
     pytest.param("nguyenvana", TODAY, DENIED, None, "'nguyenvana' has no domain", id="no-domain"),
+    pytest.param("postmaster", TODAY, UNKNOWN, None, "no postmaster@ of an old domain in the address map",
+                 id="postmaster-not-in-the-map"),
     pytest.param("<>", TODAY, DENIED, None, "'<>' has no domain", id="null-path"),
     pytest.param("a..b@binhduong.gov.vn", TODAY, DENIED, None,
                  "'a..b@binhduong.gov.vn' has a local part that is not a dot-string", id="bad-dot-string"),

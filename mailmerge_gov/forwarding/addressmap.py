@@ -72,6 +72,8 @@ class AddressMap:
 
     def lookup(self, address: str, today: dt.date) -> Verdict:
         """Say what happens on `today` to mail sent to `address` (as an SMTP path carries it)."""
+        if address.lower() == "postmaster":
+            return self._postmaster(address, today)
         try:
             mailbox = parse_mailbox(address)
         except AddressError as exc:
@@ -91,6 +93,17 @@ class AddressMap:
             return Verdict(Outcome.UNKNOWN, address, reason="not in the address map")
         outcome = Outcome.FORWARD if today <= entry.valid_until else Outcome.MOVED
         return Verdict(outcome, address, entry.new_address, entry.valid_until)
+
+    def _postmaster(self, address: str, today: dt.date) -> Verdict:
+        """<postmaster> with no domain: the postmaster of the first old domain (by name) that the map has."""
+        # RFC 5321 4.5.1: a server takes mail for "postmaster" with no domain. The relay has no mailbox of its
+        # own, so it is the postmaster@ line of an old domain (the runbook says to add one for each).
+        for domain in sorted(self.old_domains):
+            entry = self.entries.get(f"postmaster@{domain}")
+            if entry is not None:
+                outcome = Outcome.FORWARD if today <= entry.valid_until else Outcome.MOVED
+                return Verdict(outcome, address, entry.new_address, entry.valid_until)
+        return Verdict(Outcome.UNKNOWN, address, reason="no postmaster@ of an old domain in the address map")
 
     def old_addresses_of(self, new_address: str) -> tuple[str, ...]:
         """The old addresses that forward to a new address."""
