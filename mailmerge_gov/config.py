@@ -256,6 +256,7 @@ class Relay:
     max_message_size: int = 50 * 1024 * 1024
     max_recipients: int = 100
     max_errors: int = 20  # refused commands in a session without a message relayed; then 421 and closed
+    min_data_rate: int = 500  # bytes/s a message must keep coming at after `timeout` seconds of DATA; 0: no floor
     map: Path | None = None  # the address map CSV (old_address,new_address,valid_until)
     srs_domain: str | None = None  # envelope senders from elsewhere are rewritten onto this domain
     srs_secrets: tuple[Secret, ...] = ()  # the first signs, all verify (rotation)
@@ -926,6 +927,7 @@ def _read_relay(table: _Table) -> Relay:
         max_message_size=int(_positive(table, "max_message_size", 50 * 1024 * 1024, integer=True)),
         max_recipients=int(_positive(table, "max_recipients", 100, integer=True)),
         max_errors=int(_positive(table, "max_errors", 20, integer=True)),
+        min_data_rate=_not_negative_int(table, "min_data_rate", 500),
         map=table.path_value("map"),
         srs_domain=_domain(table, "srs_domain", srs_domain) if srs_domain is not None else None,
         srs_secrets=tuple(secrets), srs_hash_length=hash_length, srs_max_age_days=max_age,
@@ -1017,6 +1019,14 @@ def _host_port(table: _Table, key: str, value: str) -> tuple[str, int]:
     if not match or not 0 < int(match.group(3)) < 65536:
         raise table.error(key, f"'{value}' is not host:port (use [::1]:25 for IPv6)")
     return match.group(1) or match.group(2), int(match.group(3))
+
+
+def _not_negative_int(table: _Table, key: str, default: int) -> int:
+    """Return an integer of at least 0."""
+    value = table.get(key, int, default)
+    if value < 0:
+        raise table.error(key, f"must be 0 or more, got {value}")
+    return int(value)
 
 
 def _positive(table: _Table, key: str, default: float, integer: bool = False) -> float:

@@ -201,7 +201,7 @@ def test_fast_init_sets_what_aiosmtpd_sets() -> None:
         slow.command_size_limits = fast.command_size_limits.copy()
         super(RelaySMTP, slow).__init__(handler, **options)  # aiosmtpd's own
         slow.__dict__.update(_client_ip=None, _refused=False, _lost=False, _reading_message=False, _message=None,
-                             _message_read=None, _errors=0)
+                             _message_read=None, _errors=0, _data_started=0.0, _data_bytes=0, _too_slow=False)
         assert vars(fast).keys() == vars(slow).keys()
         for name in ("_smtp_methods", "_handle_hooks", "_auth_methods"):
             assert list(getattr(fast, name)) == list(getattr(slow, name)), name

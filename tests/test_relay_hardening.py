@@ -376,7 +376,7 @@ def test_stalled_client_gets_421(sink: Sink, start_relay: Callable[..., Relay], 
 
 
 def test_a_message_arriving_slowly_is_not_cut_off(sink: Sink, start_relay: Callable[..., Relay]) -> None:
-    relay = start_relay(sink.port, timeout=0.5)
+    relay = start_relay(sink.port, timeout=0.5, min_data_rate=10)  # about 40 bytes a second come
     with relay.client() as client:
         client.mail("alice@example.org")
         client.rcpt("nguyenvana@binhduong.gov.vn")
@@ -389,6 +389,37 @@ def test_a_message_arriving_slowly_is_not_cut_off(sink: Sink, start_relay: Calla
         assert client.getreply() == (250, b"2.0.0 Ok: queued")
     [(_, content)] = sink.messages
     assert content.endswith(b"Subject: slow\r\n\r\n" + b"more\r\n" * 6)
+
+
+TOO_SLOW_LINES = (b"421-4.4.2 Thu duoc gui qua cham (duoi 100 byte moi giay sau 0.5 giay dau); ket noi duoc dong lai, "
+                  b"hay gui lai sau.\r\n"
+                  b"421 4.4.2 Error: message data too slow (under 100 bytes per second after the first 0.5 seconds)\r\n")
+
+
+def test_a_message_trickling_in_below_the_minimum_rate_is_cut_off(sink: Sink,
+                                                                   start_relay: Callable[..., Relay]) -> None:
+    # a byte every 0.1 s never leaves the connection silent for `timeout`, but stays under min_data_rate
+    relay = start_relay(sink.port, timeout=0.5, min_data_rate=100)
+    with raw_connection(relay) as sock:
+        sock.recv(1024)
+        sock.sendall(b"EHLO mail.example.org\r\nMAIL FROM:<alice@example.org>\r\n"
+                     b"RCPT TO:<nguyenvana@binhduong.gov.vn>\r\nDATA\r\n")
+        began = time.monotonic()
+        answer = b""
+        while not answer.endswith(b"354 End data with <CR><LF>.<CR><LF>\r\n"):
+            answer += sock.recv(1024)
+        sock.sendall(b"Subject: slow\r\n\r\n")
+        try:
+            while time.monotonic() - began < 5:
+                time.sleep(0.1)
+                sock.sendall(b"y")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # cut off, as it should be
+        assert read_all(sock).endswith(TOO_SLOW_LINES)
+        assert time.monotonic() - began < 3  # 0.5 s, then 100 bytes a second of what came: about 0.7 s
+    [record] = relay.wait_records(1)
+    assert record.result == "timeout" and sink.messages == []
+    assert relay.handler.metrics.get("timeouts_total") == 1
 
 
 # --- metrics ------------------------------------------------------------------------------------------------------
@@ -514,17 +545,18 @@ def test_hardening_keys(tmp_path: Path) -> None:
     relay = load_config(relay_config(tmp_path, 'tls_cert_file = "cert.pem"\ntls_key_file = "/etc/key.pem"\n'
                                                'require_tls = true\nmax_connections = 50\nmax_connections_per_ip = 5\n'
                                                'metrics_listen = "[::1]:9425"\nevent_loop = "asyncio"\n'
-                                               'max_errors = 5\n')).relay
+                                               'max_errors = 5\nmin_data_rate = 0\n')).relay
     assert (relay.tls_cert_file, relay.tls_key_file, relay.require_tls, relay.max_connections,
-            relay.max_connections_per_ip, relay.metrics_listen, relay.event_loop, relay.max_errors) == (
-        tmp_path / "cert.pem", Path("/etc/key.pem"), True, 50, 5, ("::1", 9425), "asyncio", 5)
+            relay.max_connections_per_ip, relay.metrics_listen, relay.event_loop, relay.max_errors,
+            relay.min_data_rate) == (tmp_path / "cert.pem", Path("/etc/key.pem"), True, 50, 5, ("::1", 9425), "asyncio",
+                                     5, 0)
 
 
 def test_hardening_defaults(tmp_path: Path) -> None:
     relay = load_config(relay_config(tmp_path, "")).relay
     assert (relay.tls_cert_file, relay.tls_key_file, relay.require_tls, relay.max_connections,
-            relay.max_connections_per_ip, relay.metrics_listen, relay.event_loop, relay.max_errors) == (
-        None, None, False, 200, 20, None, "auto", 20)
+            relay.max_connections_per_ip, relay.metrics_listen, relay.event_loop, relay.max_errors,
+            relay.min_data_rate) == (None, None, False, 200, 20, None, "auto", 20, 500)
 
 
 @pytest.mark.parametrize(("relay", "message"), [
@@ -544,6 +576,7 @@ def test_hardening_defaults(tmp_path: Path) -> None:
                                              "the metrics are served without a login, so only on 127.0.0.1, [::1] "
                                              "or localhost"),
     ("max_errors = 0\n", "relay.max_errors: must be greater than 0, got 0"),
+    ("min_data_rate = -1\n", "relay.min_data_rate: must be 0 or more, got -1"),
     ('event_loop = "trio"\n', "relay.event_loop: must be \"auto\", \"uvloop\" or \"asyncio\", got a string ('trio')"),
 ])
 def test_hardening_key_errors(tmp_path: Path, relay: str, message: str) -> None:

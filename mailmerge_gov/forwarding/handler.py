@@ -51,6 +51,7 @@ class RelaySettings:
     max_message_size: int = 50 * 1024 * 1024
     max_recipients: int = 100
     max_errors: int = 20  # refused commands in a session without a message relayed (Postfix's hard error limit)
+    min_data_rate: int = 500  # bytes/s of DATA after its first `timeout` seconds (Postfix's smtpd_min_data_rate)
     max_hops: int = 50
     timeout: float = 300.0
     require_tls: bool = False  # MAIL only after STARTTLS (when the relay has a certificate)
@@ -76,7 +77,7 @@ def relay_settings(config: Config) -> RelaySettings:
     relay = config.relay
     return RelaySettings(next_hop=next_hop_settings(config), hostname=relay.hostname,
                          max_message_size=relay.max_message_size, max_recipients=relay.max_recipients,
-                         max_errors=relay.max_errors,
+                         max_errors=relay.max_errors, min_data_rate=relay.min_data_rate,
                          max_hops=relay.max_hops, timeout=relay.timeout, require_tls=relay.require_tls,
                          max_connections=relay.max_connections, max_connections_per_ip=relay.max_connections_per_ip)
 

@@ -51,6 +51,9 @@ class RelaySMTP(SMTP):
         self._message: DataReader | None = None  # while DATA is read: the bytes go to it, not to the StreamReader
         self._message_read: asyncio.Future[DataRead] | None = None
         self._errors = 0  # refusals since the session began or a message was last relayed ([relay] max_errors)
+        self._data_started = 0.0  # loop time of the 354 reply
+        self._data_bytes = 0  # bytes of the message received so far
+        self._too_slow = False  # the idle timer now stands for the min_data_rate deadline
 
     def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
         """The path exactly as sent (source route kept): the handler decides, not the lenient RFC 5322 parser."""
@@ -82,21 +85,31 @@ class RelaySMTP(SMTP):
             closed(self, session, self._client_ip or "")
 
     def _timeout_cb(self) -> None:
-        """Say 421 to a client silent for `timeout` seconds, then close (aiosmtpd closes without a word)."""
-        if isinstance(self.event_handler, RelayHandler):
-            self.event_handler.connection_timed_out(self)
+        """Say 421 to a client silent for `timeout` seconds, or sending a message too slowly, then close (aiosmtpd
+        closes without a word)."""
+        handler = self.event_handler
+        if isinstance(handler, RelayHandler):
+            handler.connection_timed_out(self)
         transport = self.transport
         if transport is not None and not transport.is_closing():
-            reply = replies.render(421, "4.4.2", "timeout", seconds=f"{self._timeout_duration:g}")
+            if self._too_slow and isinstance(handler, RelayHandler):
+                reply = replies.render(421, "4.4.2", "data_too_slow", rate=handler.settings.min_data_rate,
+                                       seconds=f"{self._timeout_duration:g}")
+            else:
+                reply = replies.render(421, "4.4.2", "timeout", seconds=f"{self._timeout_duration:g}")
             transport.write(str(reply).encode("ascii") + b"\r\n")  # type: ignore[attr-defined]
         super()._timeout_cb()
 
     def data_received(self, data: bytes) -> None:
-        """Bytes from the client; while a message comes in, each chunk restarts the idle timer."""
+        """Bytes from the client; while a message comes in, each chunk restarts the idle timer, within the
+        deadline that [relay] min_data_rate sets."""
         # aiosmtpd times DATA from the command on: a large message on a slow link would be cut off however
-        # steadily it arrives, and the sender would retry it for days. Silence is what `timeout` is about.
+        # steadily it arrives, and the sender would retry it for days. Silence is what `timeout` is about; and
+        # so that a byte now and then cannot hold a connection for ever, the message must also come at
+        # min_data_rate on average after its first `timeout` seconds (Postfix's smtpd_min_data_rate).
         if self._reading_message:
-            self._reset_timeout()
+            self._data_bytes += len(data)
+            self._reset_data_timer()
         message = self._message
         if message is None:
             super().data_received(data)
@@ -134,13 +147,14 @@ class RelaySMTP(SMTP):
             return
         await self.push("354 End data with <CR><LF>.<CR><LF>")
         self._reading_message = True
+        self._data_started, self._data_bytes = self.loop.time(), 0
         try:
             read = await self._read_message()
         except asyncio.CancelledError:
             self._writer.close()  # the connection was lost during DATA (as aiosmtpd does)
             raise
         finally:  # DataLost (end of input without the cancellation aiosmtpd sends first) is a ConnectionResetError
-            self._reading_message = False
+            self._reading_message = self._too_slow = False
         if read.wire is None:
             await self.push("500 Line too long (see RFC5321 4.5.3.1.6)" if read.refused == TOO_LONG
                             else "552 Error: Too much mail data")
@@ -156,6 +170,18 @@ class RelaySMTP(SMTP):
         await self.push(final)
         if isinstance(final, str) and final.startswith("2"):
             self._errors = 0  # the limit is on refusals without mail relayed, as in Postfix
+
+    def _reset_data_timer(self) -> None:
+        """Restart the idle timer for `timeout` seconds, or for less where the min_data_rate deadline is nearer."""
+        handler = self.event_handler
+        rate = handler.settings.min_data_rate if isinstance(handler, RelayHandler) else 0
+        if not rate:
+            self._reset_timeout()
+            return
+        deadline = self._data_started + self._timeout_duration + self._data_bytes / rate
+        left = deadline - self.loop.time()
+        self._too_slow = left < self._timeout_duration
+        self._reset_timeout(max(min(left, self._timeout_duration), 0.001))  # 0 would mean the full timeout
 
     async def _read_message(self) -> DataRead:
         """The message after 354, fed by data_received straight from the transport."""
