@@ -31,7 +31,6 @@ def smtp_options(settings: RelaySettings, tls_context: ssl.SSLContext | None = N
     }
 
 
-
 class RelaySMTP(SMTP):
     """aiosmtpd's SMTP server with strict SMTP paths, connection limits, 421 on timeout, and the handler told."""
 
