@@ -601,21 +601,21 @@ class RelayHandler:
 
     def too_many_errors(self, server: SMTP) -> Reply:
         """Count a client closed at the error limit; its open transaction is logged with that result."""
-        self.metrics.add("error_limit_closes_total")
-        session = server.session
-        state = self.sessions.get(session) if session is not None else None
-        if state is not None:
-            state.closed_with = "too many errors"
-        log.info("%s", event("too-many-errors", client=_client(session), limit=self.settings.max_errors))
+        self._closed_by_relay(server, "error_limit_closes_total", "too many errors")
+        log.info("%s", event("too-many-errors", client=_client(server.session), limit=self.settings.max_errors))
         return replies.render(421, "4.7.0", "too_many_errors")
 
     def connection_timed_out(self, server: SMTP) -> None:
         """Count a client closed for silence; its open transaction is logged with that result."""
-        self.metrics.add("timeouts_total")
+        self._closed_by_relay(server, "timeouts_total", "timeout")
+
+    def _closed_by_relay(self, server: SMTP, counter: str, result: str) -> None:
+        """Count a connection the relay closes, and say why in the log line of its open transaction."""
+        self.metrics.add(counter)
         session = server.session
         state = self.sessions.get(session) if session is not None else None
         if state is not None:
-            state.closed_with = "timeout"
+            state.closed_with = result
 
     def _finish(self, session: Session, state: _Session, result: str) -> None:
         """Log the open transaction (if any) and close it."""
