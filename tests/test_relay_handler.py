@@ -103,17 +103,22 @@ class SinkHandler:
         return f"250 2.0.0 Ok: queued as Q{len(self.messages)}"
 
 
-@pytest.fixture
-def sink() -> Iterator[SinkHandler]:
-    """A fresh aiosmtpd next hop on a free loopback port (its port in sink.port)."""
+def next_hop(**options: Any) -> Iterator[SinkHandler]:
+    """A fresh aiosmtpd next hop on a free loopback port (its port in .port), with more Controller options."""
     handler = SinkHandler()
-    controller = Controller(handler, hostname=LOOPBACK, port=free_port(), server_hostname="mx.hcm.test")
+    controller = Controller(handler, hostname=LOOPBACK, port=free_port(), server_hostname="mx.hcm.test", **options)
     controller.start()
     handler.port = controller.port  # type: ignore[attr-defined]
     try:
         yield handler
     finally:
         controller.stop()
+
+
+@pytest.fixture
+def sink() -> Iterator[SinkHandler]:
+    """A next hop that announces what aiosmtpd announces (SMTPUTF8 among it)."""
+    yield from next_hop()
 
 
 # --- the relay -------------------------------------------------------------------------------------------------
@@ -670,15 +675,7 @@ def test_non_ascii_sender_needs_smtputf8(sink: SinkHandler, start_relay: Callabl
 @pytest.fixture
 def ascii_sink() -> Iterator[SinkHandler]:
     """A next hop that does not announce SMTPUTF8."""
-    handler = SinkHandler()
-    controller = Controller(handler, hostname=LOOPBACK, port=free_port(), server_hostname="mx.hcm.test",
-                            enable_SMTPUTF8=False)
-    controller.start()
-    handler.port = controller.port  # type: ignore[attr-defined]
-    try:
-        yield handler
-    finally:
-        controller.stop()
+    yield from next_hop(enable_SMTPUTF8=False)
 
 
 NO_SMTPUTF8 = ("550 5.6.7 May chu thu moi khong nhan dia chi co ky tu ngoai ASCII (SMTPUTF8); hay gui toi dia chi chi "
