@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from mailmerge_gov.config import ConfigError, load_config
+
 HEAD = """\
 [project]
 name = "Thử nghiệm"
@@ -37,3 +41,20 @@ FILES_ONLY = consolidation(
     sources=HCM_LDIF + source("binhduong", "Tỉnh Bình Dương", "74", "binhduong.gov.vn",
                               'csv = "bd.csv"\n', 'maildir = "bd-mail"\n'),
 )
+
+
+def relay_config(tmp_path: Path, relay: str, map_text: str) -> Path:
+    """Write the files-only consolidation with a [relay] table and the address map; return the config path."""
+    (tmp_path / "map.csv").write_text(map_text, encoding="utf-8")
+    path = tmp_path / "consolidation.toml"
+    path.write_text(FILES_ONLY + "\n[relay]\n" + relay, encoding="utf-8")
+    return path
+
+
+def config_error(path: Path) -> str:
+    """The message of the ConfigError that loading `path` raises (the test fails if it loads)."""
+    import pytest  # here: the benchmarks import this module too, and need no pytest
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    return str(caught.value)

@@ -17,7 +17,7 @@ from aiosmtpd.controller import Controller
 from click.testing import CliRunner
 
 from mailmerge_gov.cli import cli
-from mailmerge_gov.config import ConfigError, Secret, load_config
+from mailmerge_gov.config import Secret, load_config
 from servers import LOOPBACK, RelayDaemon, free_port
 
 MAP = """\
@@ -30,11 +30,8 @@ LIVE_MAP = MAP.replace("2026-06-30", "2099-12-31")  # the daemon looks up on the
 
 
 def relay_config(tmp_path: Path, relay: str, map_text: str = MAP) -> Path:
-    """Write the files-only consolidation with a [relay] table and the address map; return the config path."""
-    (tmp_path / "map.csv").write_text(map_text, encoding="utf-8")
-    path = tmp_path / "consolidation.toml"
-    path.write_text(configs.FILES_ONLY + "\n[relay]\n" + relay, encoding="utf-8")
-    return path
+    """This file's relay config: the files-only consolidation, a [relay] table and this file's address map."""
+    return configs.relay_config(tmp_path, relay, map_text)
 
 
 def run(*args: str) -> tuple[int, str]:
@@ -196,9 +193,7 @@ HELP = ('literal passwords are not allowed in the configuration; use password_en
 ])
 def test_relay_key_errors(tmp_path: Path, relay: str, message: str) -> None:
     path = relay_config(tmp_path, relay)
-    with pytest.raises(ConfigError) as caught:
-        load_config(path)
-    text = str(caught.value)
+    text = configs.config_error(path)
     assert text.startswith(f"{path}, line ") and text.split(": ", 1)[1] == message
     assert "my-literal-secret" not in text
 

@@ -31,7 +31,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from click.testing import CliRunner
 
 from mailmerge_gov.cli import cli
-from mailmerge_gov.config import ConfigError, load_config
+from mailmerge_gov.config import load_config
 from mailmerge_gov.forwarding import eventloop
 from mailmerge_gov.forwarding.addressmap import parse_map
 from mailmerge_gov.forwarding.daemon import server_tls_context
@@ -534,11 +534,8 @@ def test_metrics_endpoint_answers_get_metrics_only(sink: Sink, start_relay: Call
 
 
 def relay_config(tmp_path: Path, relay: str, map_text: str = MAP) -> Path:
-    """Write the files-only consolidation with a [relay] table and the address map; return the config path."""
-    (tmp_path / "map.csv").write_text(map_text, encoding="utf-8")
-    path = tmp_path / "consolidation.toml"
-    path.write_text(configs.FILES_ONLY + "\n[relay]\n" + relay, encoding="utf-8")
-    return path
+    """This file's relay config: the files-only consolidation, a [relay] table and this file's address map."""
+    return configs.relay_config(tmp_path, relay, map_text)
 
 
 def test_hardening_keys(tmp_path: Path) -> None:
@@ -581,9 +578,8 @@ def test_hardening_defaults(tmp_path: Path) -> None:
 ])
 def test_hardening_key_errors(tmp_path: Path, relay: str, message: str) -> None:
     path = relay_config(tmp_path, relay)
-    with pytest.raises(ConfigError) as caught:
-        load_config(path)
-    assert str(caught.value).startswith(f"{path}, line ") and str(caught.value).split(": ", 1)[1] == message
+    text = configs.config_error(path)
+    assert text.startswith(f"{path}, line ") and text.split(": ", 1)[1] == message
 
 
 @pytest.mark.parametrize(("choice", "installed", "runs_on"), [
@@ -812,9 +808,7 @@ def test_arc_keys(tmp_path: Path, dkim_keys: dict[str, tuple[Path, bytes]]) -> N
 ])
 def test_arc_key_errors(tmp_path: Path, relay: str, message: str) -> None:
     path = relay_config(tmp_path, relay)
-    with pytest.raises(ConfigError) as caught:
-        load_config(path)
-    assert str(caught.value).split(": ", 1)[1] == message
+    assert configs.config_error(path).split(": ", 1)[1] == message
 
 
 def test_relay_serve_refuses_an_unusable_arc_key(tmp_path: Path, tls_certificate: tuple[Path, Path],
