@@ -31,11 +31,9 @@ import itertools
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 import tomllib
 from pathlib import Path
@@ -45,7 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' private slapd (tests/ is not a package)
 
 import generate_example as generator  # noqa: E402  (this folder: the example's generator)
-from benchtable import Row, megabytes, print_rows, run_child, verdict  # noqa: E402  (this folder)
+from benchtable import Row, megabytes, print_rows, run_child, stopped, verdict, work_folder  # noqa: E402  (this folder)
 from servers import SlapdServer, ldif_dn, ldif_entries, require_program, slapd_version  # noqa: E402
 
 from mailmerge_gov.config import load_config  # noqa: E402
@@ -310,17 +308,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.scale < 300:
         parser.error("--scale: at least 300 (the example's own size)")
-    folder = Path(tempfile.mkdtemp(prefix="mmg-bench-"))
-    try:
-        rows = benchmark(folder, args.scale, args.seed)
-    except (RuntimeError, subprocess.CalledProcessError) as exc:
-        print(f"benchmark stopped: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if args.keep:
-            print(f"kept: {folder}")
-        else:
-            shutil.rmtree(folder, ignore_errors=True)
+    with work_folder("mmg-bench-", args.keep) as folder:
+        try:
+            rows = benchmark(folder, args.scale, args.seed)
+        except (RuntimeError, subprocess.CalledProcessError) as exc:
+            return stopped(exc)
     print_table(rows, args.scale)
     return 0
 

@@ -49,10 +49,8 @@ import platform
 import pstats
 import random
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import unicodedata
 import urllib.parse
@@ -62,7 +60,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' private Dovecot (tests/ is not a package)
 
 import imapclient  # noqa: E402
-from benchtable import Row, Run, print_rows, run_child, verdict  # noqa: E402  (this folder)
+from benchtable import Row, Run, print_rows, run_child, stopped, verdict, work_folder  # noqa: E402  (this folder)
 from servers import DovecotServer, group_members, require_program  # noqa: E402
 
 from mailmerge_gov.config import ConfigError, load_config  # noqa: E402
@@ -771,19 +769,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--messages: at least 10")
     if not 1 <= args.folders <= 100:
         parser.error("--folders: from 1 to 100")
-    folder = Path(tempfile.mkdtemp(prefix="mmg-bench-mail-"))
     load_before = os.getloadavg()[0]
-    try:
-        rows, report = benchmark(folder, args.messages, args.folders, args.seed, args.profile)
-    except (RuntimeError, ConfigError, subprocess.CalledProcessError, imapclient.exceptions.IMAPClientError,
-            OSError) as exc:
-        print(f"benchmark stopped: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if args.keep:
-            print(f"kept: {folder}")
-        else:
-            shutil.rmtree(folder, ignore_errors=True)
+    with work_folder("mmg-bench-mail-", args.keep) as folder:
+        try:
+            rows, report = benchmark(folder, args.messages, args.folders, args.seed, args.profile)
+        except (RuntimeError, ConfigError, subprocess.CalledProcessError, imapclient.exceptions.IMAPClientError,
+                OSError) as exc:
+            return stopped(exc)
     print_table(rows, args.messages, args.folders, (load_before, os.getloadavg()[0]))
     if report:
         print("\n" + report)

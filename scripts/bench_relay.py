@@ -54,7 +54,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -64,7 +63,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' helpers for private servers (tests/ is not a package)
 
 import configs  # noqa: E402  (tests/configs.py: the consolidation file the relay's config starts from)
-from benchtable import Row, print_rows, verdict  # noqa: E402  (this folder)
+from benchtable import Row, print_rows, stopped, verdict, work_folder  # noqa: E402  (this folder)
 from servers import LOOPBACK, NOBODY, free_port, read_banner, require_program  # noqa: E402
 
 from mailmerge_gov.config import Relay, load_config  # noqa: E402
@@ -688,22 +687,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, profile)")
     args = parser.parse_args(argv)
     load_before = os.getloadavg()
-    folder = Path(tempfile.mkdtemp(prefix="mmg-bench-relay-", dir="/tmp"))
-    folder.chmod(0o755)  # Postfix's processes, as user postfix, reach their queue inside it
     report = ""
-    try:
-        rows, missed = benchmark(folder, args)
-        for load, _ in loads(args):
-            if load in missed or (args.profile and not load.reuse):
-                report += profile(folder, args, load)
-    except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-        print(f"benchmark stopped: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if args.keep:
-            print(f"kept: {folder}")
-        else:
-            shutil.rmtree(folder, ignore_errors=True)
+    with work_folder("mmg-bench-relay-", args.keep, parent="/tmp") as folder:
+        folder.chmod(0o755)  # Postfix's processes, as user postfix, reach their queue inside it
+        try:
+            rows, missed = benchmark(folder, args)
+            for load, _ in loads(args):
+                if load in missed or (args.profile and not load.reuse):
+                    report += profile(folder, args, load)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            return stopped(exc)
     print_table(rows, load_before)
     print(report)
     return 0

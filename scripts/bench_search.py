@@ -33,12 +33,10 @@ import os
 import platform
 import queue
 import random
-import shutil
 import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -50,7 +48,7 @@ sys.path.insert(0, str(ROOT / "tests"))  # the tests' private slapd (tests/ is n
 
 import generate_example as generator  # noqa: E402  (this folder: the example's generator)
 from bench_directory import example_config, toml_table  # noqa: E402  (this folder)
-from benchtable import Row, megabytes, print_rows, run_child, verdict  # noqa: E402  (this folder)
+from benchtable import Row, megabytes, print_rows, run_child, stopped, verdict, work_folder  # noqa: E402  (this folder)
 from servers import SlapdServer, free_port, require_program, slapd_version  # noqa: E402
 
 from mailmerge_gov.config import load_config  # noqa: E402
@@ -412,17 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.scale < 1000 or args.queries < 100 or not 1 <= args.clients <= 100:
         parser.error("at least 1,000 officials and 100 queries, 1 to 100 clients")
-    folder = Path(tempfile.mkdtemp(prefix="mmg-bench-search-"))
-    try:
-        rows = benchmark(folder, args.scale, args.queries, args.clients, args.seed)
-    except (RuntimeError, subprocess.CalledProcessError) as exc:
-        print(f"benchmark stopped: {exc}", file=sys.stderr)
-        return 1
-    finally:
-        if args.keep:
-            print(f"kept: {folder}")
-        else:
-            shutil.rmtree(folder, ignore_errors=True)
+    with work_folder("mmg-bench-search-", args.keep) as folder:
+        try:
+            rows = benchmark(folder, args.scale, args.queries, args.clients, args.seed)
+        except (RuntimeError, subprocess.CalledProcessError) as exc:
+            return stopped(exc)
     print_table(rows, args.scale, args.queries, args.clients)
     return 0
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import shutil
 import subprocess
+import sys
+import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Sequence
 
@@ -107,3 +112,22 @@ def print_rows(rows: Sequence[Row]) -> None:
         cells = (row.step, row.figure, row.rate, row.target, row.verdict)
         print("  ".join(cell.ljust(width) if index == 0 else cell.rjust(width) if index < 3 else cell.ljust(width)
                         for index, (cell, width) in enumerate(zip(cells, widths))).rstrip())
+
+
+@contextlib.contextmanager
+def work_folder(prefix: str, keep: bool, parent: str | None = None) -> Iterator[Path]:
+    """A temporary folder for a benchmark's files: removed at the end, or kept (--keep) and its path printed."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield folder
+    finally:
+        if keep:
+            print(f"kept: {folder}")
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def stopped(error: BaseException) -> int:
+    """Say why a benchmark stopped before its table; the exit status for it."""
+    print(f"benchmark stopped: {error}", file=sys.stderr)
+    return 1
