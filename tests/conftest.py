@@ -149,30 +149,28 @@ def tls_certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
     return cert, key
 
 
-@pytest.fixture
-def ews_old(tmp_path: Path) -> Iterator["EwsServer"]:
-    """The old units' Exchange: a test EWS server (tests/ews_server.py) with a service account that impersonates."""
+def _ews_server(folder: Path, account: str, password: str) -> Iterator["EwsServer"]:
+    """A test EWS server (tests/ews_server.py) in `folder` with a service account that impersonates; stopped after."""
     from ews_server import EwsServer
 
-    server = EwsServer(tmp_path / "ews-old").start()
-    server.add_user("svc-migrate@binhduong.gov.vn", "mật-khẩu-cũ", impersonation=True)
+    server = EwsServer(folder).start()
+    server.add_user(account, password, impersonation=True)
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def ews_old(tmp_path: Path) -> Iterator["EwsServer"]:
+    """The old units' Exchange."""
+    yield from _ews_server(tmp_path / "ews-old", "svc-migrate@binhduong.gov.vn", "mật-khẩu-cũ")
 
 
 @pytest.fixture
 def ews_new(tmp_path: Path) -> Iterator["EwsServer"]:
     """The new unit's Exchange: a second, independent test EWS server with its own service account."""
-    from ews_server import EwsServer
-
-    server = EwsServer(tmp_path / "ews-new").start()
-    server.add_user("svc-migrate@hcm.gov.vn", "mật-khẩu-mới", impersonation=True)
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _ews_server(tmp_path / "ews-new", "svc-migrate@hcm.gov.vn", "mật-khẩu-mới")
 
 
 # --- the staff directory web application (tests/test_web*.py) ---
