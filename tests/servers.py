@@ -738,6 +738,14 @@ def group_members(pgid: int) -> list[tuple[int, str, int]]:
     return members
 
 
+def process_state(pid: int) -> str:
+    """The state letter of a process in /proc (S sleeping, Z ended...), or "gone"."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return "gone"
+
+
 def live_group_members(pgid: int) -> list[int]:
     """Return the pids of process group `pgid` that are still running (zombies not counted)."""
     return [pid for pid, state, _ppid in group_members(pgid) if state != "Z"]

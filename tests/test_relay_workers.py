@@ -28,7 +28,7 @@ from mailmerge_gov.forwarding.handler import RelayHandler, RelaySettings
 from mailmerge_gov.forwarding.nexthop import NextHopSettings
 from mailmerge_gov.forwarding.shared import SharedLimits, SharedMetrics, SharedState
 from mailmerge_gov.forwarding.workers import _apply_reload, _Reload, worker_count
-from servers import LOOPBACK, RelayDaemon, free_port
+from servers import LOOPBACK, RelayDaemon, free_port, process_state
 
 LIVE_MAP = """\
 old_address,new_address,valid_until
@@ -93,7 +93,7 @@ def start(config: Path) -> tuple[RelayDaemon, list[int]]:
 def wait_state(pid: int, stopped: bool) -> None:
     """Wait until a process is stopped (state T) or running again."""
     deadline = time.monotonic() + 5
-    while (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T") != stopped:
+    while (process_state(pid) == "T") != stopped:
         assert time.monotonic() < deadline, f"process {pid} did not {'stop' if stopped else 'continue'}"
         time.sleep(0.005)
 

@@ -26,6 +26,7 @@ from servers import (
     SlapdServer,
     SmtpSink,
     group_members,
+    process_state,
     require_program,
     wait_until,
 )
@@ -368,11 +369,3 @@ def test_a_server_does_not_outlive_a_test_run_killed_with_sigkill() -> None:
         if process_state(int(pid)) not in ("gone", "Z"):
             os.kill(int(pid), 9)  # the server this test started, should the check above have failed
         shutil.rmtree(folder.strip(), ignore_errors=True)
-
-
-def process_state(pid: int) -> str:
-    """The state letter of a process in /proc (S sleeping, Z ended...), or "gone"."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return "gone"
