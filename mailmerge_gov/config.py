@@ -445,15 +445,17 @@ class _Table:
         for key in self.data:
             if key.lower() in _LITERAL_SECRET_KEYS:
                 raise self.error(key, _SECRET_HELP)
-        env = self.text("password_env")
-        file = self.path_value("password_file")
+        return self.secret_source("password_env", "password_file")
+
+    def secret_source(self, env_key: str, file_key: str) -> Secret | None:
+        """Return the secret named by an environment variable key or a file key (one of the two), if either is set."""
+        env = self.text(env_key)
+        file = self.path_value(file_key)
         if env and file:
-            raise self.error("password_file", "give password_env or password_file, not both")
+            raise self.error(file_key, f"give {env_key} or {file_key}, not both")
         if env and not _ENV_NAME.match(env):
-            raise self.error("password_env", f"'{env}' is not an environment variable name")
-        if env or file:
-            return Secret(env=env, file=file)
-        return None
+            raise self.error(env_key, f"'{env}' is not an environment variable name")
+        return Secret(env=env, file=file) if env or file else None
 
     def one_of(self, keys: tuple[str, ...], what: str) -> str:
         """Return the one key of keys that is present; error if none or several are."""
@@ -613,12 +615,7 @@ def _read_web(table: _Table) -> WebConfig:
         if name not in WEB_FIELDS:
             raise table.error("public_fields", f"unknown field '{name}'; choose from {', '.join(WEB_FIELDS)} "
                                                "(the name is always public)")
-    env = table.text("session_secret_env")
-    file = table.path_value("session_secret_file")
-    if env and file:
-        raise table.error("session_secret_file", "give session_secret_env or session_secret_file, not both")
-    if env and not _ENV_NAME.match(env):
-        raise table.error("session_secret_env", f"'{env}' is not an environment variable name")
+    session_secret = table.secret_source("session_secret_env", "session_secret_file")
     minutes = int(_positive(table, "session_minutes", 480, integer=True))
     proxies = table.strings("trusted_proxies")
     for proxy in proxies:
@@ -629,7 +626,7 @@ def _read_web(table: _Table) -> WebConfig:
     redirects = tuple(_read_redirect(entry) for entry in table.tables("redirects"))
     web = WebConfig(host=host, port=port, public_url=public_url, default_language=language,
                     public_fields=tuple(dict.fromkeys(public)),
-                    session_secret=Secret(env=env, file=file) if env or file else None,
+                    session_secret=session_secret,
                     session_minutes=minutes, trusted_proxies=proxies, redirects=redirects)
     table.finish()
     return web
