@@ -376,26 +376,24 @@ def redirecting(web_index: Path) -> TestClient:
     return TestClient(create_app(web_index, settings=WebConfig(redirects=redirects)), follow_redirects=False)
 
 
-@pytest.mark.parametrize(("old", "new"), [
-    ("/danhba/chitiet.php?uid=an.nguyenvan", "/people/annv7"),  # an old account: whoever has its address now
-    ("/danhba/chitiet.php?uid=AN.NGUYENVAN&lang=vi", "/people/annv7"),
-    ("/danhba/chitiet.php?uid=nobody", "/lookup?address=nobody%40binhduong.gov.vn"),
-    ("/danhba/chitiet.php", None),  # no uid: no redirect fits, so the old URL is not found
-    ("/danhba/?page=donvi", "/units"),
-    ("/danhba?page=donvi", "/units"),
-    ("/danhba/?id=annv7", "/people/annv7"),
-    ("/danhba/?id=../../api/units%3Fx", "/people/..%2F..%2Fapi%2Funits%3Fx"),  # one path segment, quoted
-    ("/danhba/?q=nguyen%20van%20an", "/?q=nguyen%20van%20an"),
-    ("/danhba/?q=%22%3E%3Cscript%3E", "/?q=%22%3E%3Cscript%3E"),
-    ("/danhba/", "/"),
-    ("/danhba/?id=", "/"),
+@pytest.mark.parametrize(("old", "status", "new"), [
+    # an old account: whoever has its address now, which a re-index may change, so never for good (302)
+    ("/danhba/chitiet.php?uid=an.nguyenvan", 302, "/people/annv7"),
+    ("/danhba/chitiet.php?uid=AN.NGUYENVAN&lang=vi", 302, "/people/annv7"),
+    ("/danhba/chitiet.php?uid=nobody", 302, "/lookup?address=nobody%40binhduong.gov.vn"),
+    ("/danhba/chitiet.php", 404, None),  # no uid: no redirect fits, so the old URL is not found
+    ("/danhba/?page=donvi", 301, "/units"),
+    ("/danhba?page=donvi", 301, "/units"),
+    ("/danhba/?id=annv7", 301, "/people/annv7"),
+    ("/danhba/?id=../../api/units%3Fx", 301, "/people/..%2F..%2Fapi%2Funits%3Fx"),  # one path segment, quoted
+    ("/danhba/?q=nguyen%20van%20an", 301, "/?q=nguyen%20van%20an"),
+    ("/danhba/?q=%22%3E%3Cscript%3E", 301, "/?q=%22%3E%3Cscript%3E"),
+    ("/danhba/", 301, "/"),
+    ("/danhba/?id=", 301, "/"),
 ])
-def test_old_urls_redirect_permanently(redirecting: TestClient, old: str, new: str | None) -> None:
+def test_old_urls_redirect(redirecting: TestClient, old: str, status: int, new: str | None) -> None:
     response = redirecting.get(old)
-    if new is None:
-        assert response.status_code == 404
-    else:
-        assert (response.status_code, response.headers["location"]) == (301, new)
+    assert (response.status_code, response.headers.get("location")) == (status, new)
 
 
 def test_old_urls_lead_to_the_page(redirecting: TestClient) -> None:

@@ -376,7 +376,7 @@ def create_app(index: Path, *, settings: WebConfig | None = None, directory: Lda
 
 
 class _OldUrls:
-    """ASGI middleware: a GET of one of the old directory's URLs answers 301 with the new page."""
+    """ASGI middleware: a GET of one of the old directory's URLs answers with the new page (301, or 302 where the page follows the index)."""
 
     def __init__(self, app: ASGIApp, index: Path, settings: WebConfig,
                  fields: Callable[[Scope], Collection[str]]) -> None:
@@ -397,6 +397,7 @@ class _OldUrls:
             except SearchError:
                 target = None  # no index yet: the old URL is answered as any unknown page
             if target is not None:
-                await RedirectResponse(target, status_code=301)(scope, receive, send)
+                location, permanent = target
+                await RedirectResponse(location, status_code=301 if permanent else 302)(scope, receive, send)
                 return
         await self.app(scope, receive, send)

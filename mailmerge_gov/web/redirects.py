@@ -20,8 +20,9 @@ def same_path(a: str, b: str) -> bool:
 
 
 def old_url_target(redirects: Sequence[WebRedirect], path: str, query: str, index: Path,
-                   fields: Collection[str] | None) -> str | None:
-    """The new page for an old URL (the first redirect whose path, parameters and placeholders fit), or None."""
+                   fields: Collection[str] | None) -> tuple[str, bool] | None:
+    """The new page for an old URL (the first redirect whose path, parameters and placeholders fit) and whether
+    that answer is permanent, or None."""
     params = dict(parse_qsl(query, keep_blank_values=True))
     for redirect in redirects:
         if not same_path(redirect.old_path, path):
@@ -35,10 +36,12 @@ def old_url_target(redirects: Sequence[WebRedirect], path: str, query: str, inde
             continue  # this redirect needs a parameter the old URL does not carry: try the next one
         if redirect.to is not None:
             # each value is quoted whole: "/people/{uid}" with uid "../x?y" stays one path segment
-            return _PLACEHOLDER.sub(lambda m: quote(values[m.group(1)], safe=""), redirect.to)
+            return _PLACEHOLDER.sub(lambda m: quote(values[m.group(1)], safe=""), redirect.to), True
         address = _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+        # Not permanent: who has an old address comes from today's index and from what this visitor may search,
+        # and browsers keep a 301 for good (after a re-index, or once the visitor has logged in).
         found = search(index, address, 1, fields) if "@" in address and " " not in address else []
         if found:
-            return "/people/" + quote(found[0].uid, safe="")
-        return "/lookup?" + urlencode({"address": address})
+            return "/people/" + quote(found[0].uid, safe=""), False
+        return "/lookup?" + urlencode({"address": address}), False
     return None
