@@ -376,7 +376,7 @@ def create_app(index: Path, *, settings: WebConfig | None = None, directory: Lda
 
 
 class _OldUrls:
-    """ASGI middleware: a GET of one of the old directory's URLs answers with the new page (301, or 302 where the page follows the index)."""
+    """ASGI middleware: a GET of one of the old directory's URLs answers with the new page (301, or 302)."""
 
     def __init__(self, app: ASGIApp, index: Path, settings: WebConfig,
                  fields: Callable[[Scope], Collection[str]]) -> None:
