@@ -627,6 +627,22 @@ def test_a_forged_session_cookie_is_ignored(login_client: TestClient, web_index:
     assert "mobile" in login_client.get("/api/people/annv7").json()  # the same payload, signed: the check is real
 
 
+def test_a_session_of_an_official_disabled_since_the_login_shows_public_fields(login_client: TestClient) -> None:
+    # a genuine cookie, signed at a login when the official was still active: they are not in today's index
+    import base64
+    import json
+
+    import itsdangerous
+
+    from conftest import WEB_DISABLED_UID
+
+    payload = base64.b64encode(json.dumps({"uid": WEB_DISABLED_UID}).encode())
+    login_client.cookies.set("mmg_session", itsdangerous.TimestampSigner(SECRET).sign(payload).decode())
+    assert "mobile" not in login_client.get("/api/people/annv7").json()
+    card = login_client.get("/people/annv7").text
+    assert "0792890605" not in card and "Đã đăng nhập" not in card and "Đăng nhập để xem thêm" in card
+
+
 def test_login_when_the_directory_is_down(web_index: Path) -> None:
     from servers import free_port
 

@@ -167,8 +167,19 @@ def create_app(index: Path, *, settings: WebConfig | None = None, directory: Lda
                                      lstrip_blocks=True)
     templates = Jinja2Templates(env=environment)
 
+    def logged_in(scope: Scope) -> str | None:
+        """The uid of the session's official, while they are an active official in the index; else None."""
+        # The signed cookie lives for session_minutes and cannot be taken back: an official disabled since the
+        # login is out of the next index, and from then on sees what anybody sees. Looked up once per request.
+        if not login_enabled:
+            return None
+        if "mmg.uid" not in scope:
+            uid = scope.get("session", {}).get("uid")
+            scope["mmg.uid"] = uid if uid and person(index, uid) is not None else None
+        return scope["mmg.uid"]
+
     def user(request: Request) -> str | None:
-        return _session(request).get("uid") if login_enabled else None
+        return logged_in(request.scope)
 
     def fields(request: Request) -> Collection[str]:
         """What this visitor may see and search: everything once logged in, the public fields otherwise."""
@@ -362,8 +373,8 @@ def create_app(index: Path, *, settings: WebConfig | None = None, directory: Lda
     app = Starlette(debug=debug, routes=routes,
                     exception_handlers={HTTPException: http_error, SearchError: index_error})
     if settings.redirects:
-        app.add_middleware(_OldUrls, index=index, settings=settings, fields=lambda scope: (
-            WEB_FIELDS if login_enabled and scope.get("session", {}).get("uid") else public))
+        app.add_middleware(_OldUrls, index=index, settings=settings,
+                           fields=lambda scope: WEB_FIELDS if logged_in(scope) else public)
     app.add_middleware(_SecurityHeaders)
     if login_enabled:
         # outermost, so the security headers see the session; the cookie: signed, HttpOnly, SameSite=Lax
