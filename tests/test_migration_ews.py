@@ -257,6 +257,8 @@ def test_logins_and_errors_name_the_server_and_mailbox_never_the_password(ews_ol
                  f"{ews_old.url}"),
         (ews_mail(ews_old, tmp_path, SVC_OLD, PW_OLD, url=f"http://127.0.0.1:{free_port()}/EWS/Exchange.asmx"),
          OLD_BOX, ConnectionLost, "connection lost while trying to list folders: connection refused"),
+        (ews_mail(ews_old, tmp_path, SVC_OLD, PW_OLD), "khong-co-a-cong", LoginFailed,
+         f"{ews_old.url}: cannot open 'khong-co-a-cong': an Exchange mailbox is named by its e-mail address"),
     ]
     for server, mailbox, error, text in cases:
         with pytest.raises(error) as caught:
@@ -988,3 +990,19 @@ def test_the_cli_shows_throttling_and_messages_altered_by_the_server(example_cop
         "verified 1 mailboxes: nothing missing")
     assert sum(line.startswith("    altered by the server: ") for line in lines) == 30
     assert "    altered by the server: INBOX " in output
+
+
+def test_releasing_a_login_under_the_sharing_lock_does_not_hang() -> None:
+    # open_ews releases the login it just counted, still holding `sharing`, when exchangelib refuses the Account
+    import threading
+
+    from mailmerge_gov.migration.ews_session import release, sharing
+
+    def release_under_lock() -> None:
+        with sharing:
+            release(("https://mail.example.org/EWS/Exchange.asmx", "svc"), None)
+
+    worker = threading.Thread(target=release_under_lock, daemon=True)
+    worker.start()
+    worker.join(timeout=10)
+    assert not worker.is_alive()

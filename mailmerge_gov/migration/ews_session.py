@@ -97,7 +97,7 @@ class Shared:
 
 _CA_FILES: dict[str, str] = {}  # origin -> ca_file, while a store of that origin with a ca_file is open
 shared_logins: dict[tuple[str, str], Shared] = {}
-sharing = threading.Lock()
+sharing = threading.RLock()  # re-entrant: open_ews calls release() under it when exchangelib refuses an Account
 
 
 def origin_of(url: str) -> str:
