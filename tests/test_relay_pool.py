@@ -35,10 +35,12 @@ class PoolSink:
     mails: list[int] = field(default_factory=list)  # the connection of each MAIL
     port: int = 0
     controller: Any = None
+    ehlo_delay: float = 0.0
 
     async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
                           responses: list[str]) -> list[str]:
         self.servers.append(server)  # the relay's connections (the Controller's own readiness check says no EHLO)
+        await asyncio.sleep(self.ehlo_delay)
         session.host_name = hostname
         return responses
 
@@ -133,6 +135,21 @@ def test_sessions_one_after_another_reuse_one_connection(sink: PoolSink, start_r
     assert len(sink.servers) == 1 and len(sink.messages) == 5
     assert [content.rsplit(b"\r\n\r\n", 1)[1] for _, _, content in sink.messages] == [b"0\r\n", b"1\r\n", b"2\r\n",
                                                                                        b"3\r\n", b"4\r\n"]
+
+
+def test_a_client_leaving_while_the_next_hop_greets_leaves_no_connection_behind(
+        sink: PoolSink, start_relay: Callable[..., Relay]) -> None:
+    sink.ehlo_delay = 0.5
+    relay = start_relay(sink.port)
+    client = relay.client()
+    client.mail("alice@example.org")
+    client.putcmd("RCPT", "TO:<nguyenvana@binhduong.gov.vn>")  # the relay connects to the next hop now
+    wait_for(lambda: len(sink.servers) == 1)
+    client.close()  # before the next hop has answered EHLO
+    wait_for(lambda: len(relay.handler.pool.idle) == 1)  # the greeted connection is kept, not stranded
+    sink.ehlo_delay = 0.0
+    assert send(relay)[0] == 250
+    assert len(sink.servers) == 1 and sink.open() == sink.servers
 
 
 def test_pooled_connection_closed_by_the_next_hop_delivers_once(sink: PoolSink,

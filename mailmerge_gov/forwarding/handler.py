@@ -445,11 +445,14 @@ class RelayHandler:
             if state.hop is None or not state.hop.connected:
                 state.hop = self.pool.take() if attempt == 1 else None
                 if state.hop is None:
-                    hop = NextHop(self.settings.next_hop)
-                    greeting = await self._call(state, hop.connect(), "connect")
+                    # The session holds it from the start: a client that leaves during the greeting must not
+                    # strand a connection that nobody then pools or closes (_close_session does either).
+                    state.hop = NextHop(self.settings.next_hop)
+                    greeting = await self._call(state, state.hop.connect(), "connect")
                     if not greeting.positive:
+                        state.hop = None  # connect() dropped it
                         return _unavailable(greeting)
-                    state.hop, fresh = hop, True
+                    fresh = True
             hop = state.hop
             if hop.in_transaction:
                 await self._call(state, hop.rset(), "rset")  # the previous client transaction ended without DATA
