@@ -762,6 +762,31 @@ def test_arc_seal_over_an_intact_dkim_signature(sink: Sink, start_relay: Callabl
     assert dkim.verify(content, dnsfunc=dns)  # the sender's signature still verifies at the next hop
 
 
+def test_sealing_after_a_message_that_came_late_in_its_time_is_not_cut_off(
+        sink: Sink, start_relay: Callable[..., Relay], dkim_keys: dict[str, tuple[Path, bytes]]) -> None:
+    # The message comes whole 0.5 s into a 1 s timeout, with min_data_rate too high for more to come in time:
+    # 0.5 s of its deadline are left. The seal's DNS lookup then takes 0.75 s: the relay must not say 421.
+    import dataclasses
+
+    lookup = dns_of(dkim_keys)
+
+    def slow_dns(name: bytes, timeout: float = 5) -> bytes | None:
+        time.sleep(0.75)
+        return lookup(name, timeout)
+
+    relay = start_relay(sink.port, timeout=1.0, min_data_rate=10**9,
+                        arc=dataclasses.replace(sealer(dkim_keys), dnsfunc=slow_dns))
+    with relay.client() as client:
+        client.mail("alice@example.org")
+        client.rcpt("nguyenvana@binhduong.gov.vn")
+        assert client.docmd("DATA")[0] == 354
+        time.sleep(0.5)
+        client.send(signed(dkim_keys) + b".\r\n")
+        assert client.getreply()[0] == 250
+    [(_, content)] = sink.messages
+    assert field(content, b"Authentication-Results") == b"relay.test; dkim=pass header.d=example.org header.s=sel; arc=none"
+
+
 def test_arc_seal_records_a_broken_signature(sink: Sink, start_relay: Callable[..., Relay],
                                              dkim_keys: dict[str, tuple[Path, bytes]]) -> None:
     import dkim

@@ -154,6 +154,9 @@ class RelaySMTP(SMTP):
             raise
         finally:  # DataLost (end of input without the cancellation aiosmtpd sends first) is a ConnectionResetError
             self._reading_message = self._too_slow = False
+        # The whole message is here: what is left of the min_data_rate deadline no longer applies, and the
+        # handler's work before its next-hop call (the ARC seal, with its DNS lookups) gets the full timeout.
+        self._reset_timeout()
         if read.wire is None:
             await self.push("500 Line too long (see RFC5321 4.5.3.1.6)" if read.refused == TOO_LONG
                             else "552 Error: Too much mail data")
