@@ -267,6 +267,7 @@ class Relay:
     next_hop_ca_file: Path | None = None  # smtps:// next hop signed by a private CA
     max_hops: int = 50  # more Received headers than this: a mail loop
     shutdown_timeout: float = 30.0  # SIGTERM: how long open sessions may take to finish
+    reload_timeout: float = 30.0  # SIGHUP with workers: how long a worker may take to answer before it is restarted
     tls_cert_file: Path | None = None  # inbound STARTTLS: certificate chain (PEM); set with tls_key_file
     tls_key_file: Path | None = None
     require_tls: bool = False  # refuse MAIL before STARTTLS (530 5.7.0); needs the certificate
@@ -932,6 +933,7 @@ def _read_relay(table: _Table) -> Relay:
         next_hop_ca_file=table.path_value("next_hop_ca_file"),
         max_hops=int(_positive(table, "max_hops", 50, integer=True)),
         shutdown_timeout=_positive(table, "shutdown_timeout", 30.0),
+        reload_timeout=_positive(table, "reload_timeout", 30.0),
         **_read_relay_hardening(table),
     )
     table.finish()

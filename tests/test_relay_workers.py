@@ -28,7 +28,7 @@ from mailmerge_gov.forwarding.handler import RelayHandler, RelaySettings
 from mailmerge_gov.forwarding.nexthop import NextHopSettings
 from mailmerge_gov.forwarding.shared import SharedLimits, SharedMetrics, SharedState
 from mailmerge_gov.forwarding.workers import _apply_reload, _Reload, worker_count
-from servers import LOOPBACK, RelayDaemon, free_port, process_state
+from servers import EVENT_LOOPS, LOOPBACK, RelayDaemon, free_port, process_state
 
 LIVE_MAP = """\
 old_address,new_address,valid_until
@@ -274,6 +274,56 @@ def test_sighup_reloads_every_worker(tmp_path: Path, next_hop: tuple[Sink, int])
     daemon.event("stopped")
     events = [json.loads(line).get("event") for line in daemon.seen]
     assert (events.count("reload-failed"), events.count("reloaded")) == (1, 1)
+
+
+# the live map, newbie@ and 20,000 more: about 2 MB pickled, far more than a pipe holds
+LARGE_MAP = LIVE_MAP + "newbie@binhduong.gov.vn,newbie@hcm.gov.vn,2099-12-31\n" + "".join(
+    f"canbo{n:05}@binhduong.gov.vn,cb{n:05}@hcm.gov.vn,2099-12-31\n" for n in range(20_000))
+
+
+@pytest.mark.parametrize("event_loop", EVENT_LOOPS)
+def test_a_large_map_reaches_every_worker(tmp_path: Path, next_hop: tuple[Sink, int], event_loop: str) -> None:
+    config, port = write_config(tmp_path, next_hop[1], f'event_loop = "{event_loop}"\n')
+    daemon, pids = start(config)
+    try:
+        (config.parent / "map.csv").write_text(LARGE_MAP, encoding="utf-8")
+        daemon.proc.send_signal(signal.SIGHUP)
+        reloaded = daemon.event("reloaded")
+        assert (reloaded["addresses"], reloaded["workers"], reloaded["restarted"]) == (20_003, 2, [])
+        clients = [session(port, pid, pids) for pid in pids]
+        assert [rcpt(client, "newbie@binhduong.gov.vn") for client in clients] == [250, 250]
+        for client in clients:
+            client.quit()
+    finally:
+        daemon.stop()
+    assert '"worker-stopping"' not in "".join(daemon.seen) and '"worker-died"' not in "".join(daemon.seen)
+
+
+def test_a_worker_that_does_not_take_a_reload_is_restarted_with_the_new_map(tmp_path: Path,
+                                                                           next_hop: tuple[Sink, int]) -> None:
+    config, port = write_config(tmp_path, next_hop[1], "reload_timeout = 0.5\n")
+    daemon, pids = start(config)
+    try:
+        # sending a map larger than a pipe holds to a worker that does not read must not hold up the parent
+        (config.parent / "map.csv").write_text(LARGE_MAP, encoding="utf-8")
+        os.kill(pids[1], signal.SIGSTOP)  # stuck: it reads nothing and answers nothing
+        wait_state(pids[1], stopped=True)
+        daemon.proc.send_signal(signal.SIGHUP)
+        stuck = daemon.event("reload-worker-restarted")
+        assert (stuck["worker"], stuck["pid"], stuck["reason"]) == (1, pids[1], "no answer in 0.5 s")
+        reloaded = daemon.event("reloaded")
+        assert (reloaded["addresses"], reloaded["restarted"]) == (20_003, [1])
+        died = daemon.event("worker-died")
+        assert (died["worker"], died["pid"], died["signal"]) == (1, pids[1], "SIGKILL")
+        restarted = daemon.event("worker-started")
+        assert restarted["worker"] == 1 and restarted["pid"] not in pids
+        pids = [pids[0], restarted["pid"]]
+        clients = [session(port, pid, pids) for pid in pids]
+        assert [rcpt(client, "newbie@binhduong.gov.vn") for client in clients] == [250, 250]  # the same map in both
+        for client in clients:
+            client.quit()
+    finally:
+        daemon.stop()
 
 
 def test_sigterm_drains_every_worker(tmp_path: Path, next_hop: tuple[Sink, int]) -> None:

@@ -3,8 +3,9 @@
 One Python process serves on one core (the GIL); with [relay] workers = N the parent binds the listening
 socket(s) and forks N workers that all accept on them. The workers share the connection limits and the metrics
 through shared memory (shared.py). The parent serves no client: it restarts a worker that dies, passes a map
-reloaded on SIGHUP to every worker (checked once, so all run the same map or all keep the old one), and on
-SIGTERM tells every worker to drain, waits for them, and exits.
+reloaded on SIGHUP to every worker (checked once, so all run the same map or all keep the old one; a worker that
+does not take it within [relay] reload_timeout is restarted, with the new one), and on SIGTERM tells every worker
+to drain, waits for them, and exits.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +47,6 @@ RESTART_DELAY = 1.0  # a worker that dies within this many seconds of its start 
 # ... and one that does so again and again waits twice as long each time, up to this: a worker that cannot start
 # (a file it needs is gone, memory is short) must not be forked every second for as long as the relay runs
 MAX_RESTART_DELAY = 60.0
-RELOAD_TIMEOUT = 30.0  # seconds each worker has to answer a reload
 ACCEPT_RETRY = 1.0  # seconds without accepting after running out of file descriptors (as asyncio does)
 
 
@@ -235,6 +237,9 @@ async def _serve_worker(prepared: Prepared, index: int, listeners: list[socket.s
 
     def on_control() -> None:
         try:
+            # libuv (uvloop) made the pipe non-blocking when it began to watch it: a map larger than the pipe
+            # holds would then be read in part, and recv() would fail half-way. The parent sends the rest at once.
+            os.set_blocking(control.fileno(), True)
             message = control.recv()
         except (EOFError, OSError):
             loop.remove_reader(control.fileno())
@@ -274,6 +279,14 @@ def _apply_reload(handler: RelayHandler, message: _Reload) -> tuple[str, str | i
     if kept:
         return "certificate-kept", kept
     return "reloaded", len(message.address_map)
+
+
+def _send_quietly(control: Connection, payload: bytes) -> None:
+    """Send a pickled message to a worker; a worker that is gone (or killed for not reading it) gets nothing."""
+    try:
+        control.send_bytes(payload)
+    except OSError:
+        pass  # it died: SIGCHLD restarts it with the values of this reload
 
 
 # --- the parent --------------------------------------------------------------------------------------------------
@@ -423,32 +436,36 @@ class Supervisor:
             tls_context = fresh.tls_context  # a renewal only, as in one process (see daemon.swap)
         self.prepared = dataclasses.replace(self.prepared, address_map=fresh.address_map, srs=fresh.srs,
                                             arc=fresh.arc, tls_context=tls_context)
-        failures = []
-        asked = []
-        for worker in list(self.workers.values()):
-            try:
-                worker.control.send(message)
-                asked.append(worker)
-            except OSError:
-                pass  # it is dying: SIGCHLD restarts it with the new values
-        deadline = time.monotonic() + RELOAD_TIMEOUT
+        # Pickled once for all the workers, and sent from threads: a map larger than the pipe's buffer would
+        # block a plain send for as long as a hung worker does not read, and this process would stop
+        # answering signals (SIGTERM included) meanwhile.
+        payload = bytes(ForkingPickler.dumps(message))
+        asked = list(self.workers.values())
+        senders = [threading.Thread(target=_send_quietly, args=(worker.control, payload), daemon=True)
+                   for worker in asked]
+        for sender in senders:
+            sender.start()
+        deadline = time.monotonic() + relay.reload_timeout
+        restarted = []
         for worker in asked:
             try:
                 if not worker.control.poll(max(deadline - time.monotonic(), 0.0)):
-                    failures.append(f"worker {worker.index}: no answer in {RELOAD_TIMEOUT:g} s")
+                    # A worker that is stuck would go on with the old map (or answer this reload late, where the
+                    # next one would read it): it is restarted instead, and starts with the new values.
+                    log.error("%s", event("reload-worker-restarted", worker=worker.index, pid=worker.pid,
+                                          reason=f"no answer in {relay.reload_timeout:g} s"))
+                    os.kill(worker.pid, signal.SIGKILL)
+                    restarted.append(worker.index)
                     continue
                 answer, detail = worker.control.recv()
             except (EOFError, OSError):
                 continue  # it died meanwhile: restarted with the new values
             if answer == "certificate-kept":
                 log.warning("%s", event("reload-certificate-kept", worker=worker.index, reason=detail))
-            elif answer != "reloaded":
-                failures.append(f"worker {worker.index}: {detail}")
-        if failures:
-            log.warning("%s", event("reload-failed", reason="; ".join(failures), kept_addresses=None))
-            return
+        for sender in senders:
+            sender.join(5)  # at once: each worker has read its copy, or was killed (the send then fails)
         log.info("%s", event("reloaded", addresses=len(fresh.address_map), map=str(relay.map),
-                             workers=len(self.workers)))
+                             workers=len(self.workers), restarted=restarted))
 
     def _stop(self) -> int:
         """Close the listening sockets, tell every worker to drain, wait for them; the exit status."""
