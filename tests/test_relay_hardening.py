@@ -284,6 +284,22 @@ def test_rcpt_flood_is_cut_off_at_the_error_limit(sink: Sink, start_relay: Calla
     assert relay.handler.metrics.get("error_limit_closes_total") == 1 and sink.messages == []
 
 
+def test_the_error_limit_reached_by_aiosmtpds_own_closing_reply(sink: Sink, start_relay: Callable[..., Relay],
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    # aiosmtpd closes the connection itself after its fifth unknown command; that reply is the fifth refusal too
+    relay = start_relay(sink.port, max_errors=5)
+    with caplog.at_level(logging.INFO, logger="mailmerge_gov.forwarding"), raw_connection(relay) as sock:
+        sock.sendall(b"EHLO mail.example.org\r\n" + b"XYZZY\r\n" * 5 + b"MAIL FROM:<alice@example.org>\r\n")
+        answer = read_all(sock)
+        relay.wait_connections(0)
+    assert answer.split(b"\r\n")[-3:] == [b"421-4.7.0 Qua nhieu lenh bi tu choi; ket noi duoc dong lai.",
+                                          b"421 4.7.0 Error: too many errors", b""]
+    assert answer.count(b"500 Error: command \"XYZZY\" not recognized\r\n") == 4
+    # no error from aiosmtpd closing a connection the relay had closed, and the pipelined MAIL never ran
+    assert [json.loads(r.getMessage())["event"] for r in caplog.records
+            if r.name == "mailmerge_gov.forwarding"] == ["too-many-errors"]
+
+
 def test_the_error_count_starts_again_after_a_relayed_message(sink: Sink, start_relay: Callable[..., Relay]) -> None:
     relay = start_relay(sink.port, max_errors=3)
     with relay.client() as client:

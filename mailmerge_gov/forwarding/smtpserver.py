@@ -235,10 +235,10 @@ class RelaySMTP(SMTP):
             if transport is not None and not transport.is_closing():
                 reply = str(handler.too_many_errors(self)).encode("ascii") + b"\r\n"
                 transport.write(reply)  # type: ignore[attr-defined]
-                transport.close()
-                # aiosmtpd's command loop runs while self.transport is set: without it, the commands the client
-                # pipelined behind this one are not run (no next-hop call for them); connection_lost follows.
-                self.transport = None
+                transport.close()  # no more is read; aiosmtpd's connection_lost then ends its command loop
+                # The commands the client pipelined behind this one are dropped, not run (no lookups, no next-hop
+                # calls for them). aiosmtpd's own transport.close() after some of its replies still finds one.
+                self._reader._buffer.clear()  # asyncio has no public way to drop what a StreamReader holds
 
     def _reword(self, status: str) -> str:
         """The relay's reply for one of aiosmtpd's fixed replies (counted in the metrics); others unchanged."""
