@@ -12,8 +12,8 @@ from mailmerge_gov.forwarding import smtpinit
 from mailmerge_gov.forwarding.addressmap import parse_map
 from mailmerge_gov.forwarding.handler import RelayHandler, RelaySettings
 from mailmerge_gov.forwarding.nexthop import NextHopSettings
-from mailmerge_gov.forwarding.smtpdata import (TOO_LONG, TOO_MUCH, DataLost, _find_line_dot, header_block, read_data,
-                                               stuff, unstuff)
+from mailmerge_gov.forwarding.smtpdata import (TOO_LONG, TOO_MUCH, DataReader, _find_line_dot, header_block, stuff,
+                                               unstuff)
 from mailmerge_gov.forwarding.smtpserver import RelaySMTP, smtp_options
 
 LINE_LIMIT = 1001  # aiosmtpd's line_length_limit: 1000 octets with CRLF, and the transparency dot
@@ -46,26 +46,17 @@ def reference(stream: bytes, size_limit: int, line_limit: int = LINE_LIMIT) -> t
 
 def read(stream: bytes, cuts: list[int], size_limit: int = 0,
          line_limit: int = LINE_LIMIT) -> tuple[str | None, bytes | None, bytes, bool, int]:
-    """read_data over `stream` fed in pieces cut at `cuts`: (refusal, wire, rest left in the reader, bare, dots)."""
-
-    async def run() -> tuple[str | None, bytes | None, bytes, bool, int]:
-        reader = asyncio.StreamReader(limit=LINE_LIMIT)
-        pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
-
-        async def feed() -> None:
-            for piece in pieces:
-                reader.feed_data(piece)
-                await asyncio.sleep(0)
-            reader.feed_eof()
-
-        feeding = asyncio.create_task(feed())
-        result = await read_data(reader, size_limit, line_limit)
-        await feeding
-        rest = await reader.read()
-        wire = bytes(result.wire) if result.wire is not None else None
-        return result.refused, wire, rest, result.bare, result.dots
-
-    return asyncio.run(run())
+    """A DataReader fed `stream` in pieces cut at `cuts`, as data_received gives them: (refusal, wire, what follows
+    the end of data, bare, dots)."""
+    data = DataReader(size_limit, line_limit)
+    pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    for n, piece in enumerate(pieces):
+        outcome = data.feed(piece)
+        if outcome is not None:
+            result, excess = outcome
+            wire = bytes(result.wire) if result.wire is not None else None
+            return result.refused, wire, excess + b"".join(pieces[n + 1:]), result.bare, result.dots
+    raise AssertionError("the end of data was not found")
 
 
 def random_cuts(rng: random.Random, length: int) -> list[int]:
@@ -145,36 +136,15 @@ def test_too_much_data_and_a_long_line_whichever_comes_first() -> None:
 
 
 def test_refused_data_is_not_kept() -> None:
-    async def run() -> int:
-        reader = asyncio.StreamReader(limit=LINE_LIMIT)
-        sizes = []
-
-        async def feed() -> None:
-            reader.feed_data(b"a" * 2000)  # no CRLF: too long already
-            for _ in range(200):
-                reader.feed_data(b"b" * 50_000 + b"\r\n")
-                sizes.append(len(reader._buffer))  # noqa: SLF001  read_data has taken what came before
-                await asyncio.sleep(0)
-            reader.feed_data(b"\r\n.\r\n")
-
-        feeding = asyncio.create_task(feed())
-        result = await read_data(reader, 100_000, LINE_LIMIT)
-        await feeding
-        assert result.refused == TOO_LONG and result.wire is None
-        return max(sizes)
-
-    assert asyncio.run(run()) <= 60_000
-
-
-def test_connection_closed_during_data() -> None:
-    async def run() -> None:
-        reader = asyncio.StreamReader(limit=LINE_LIMIT)
-        reader.feed_data(b"Subject: a\r\n\r\nno end")
-        reader.feed_eof()
-        with pytest.raises(DataLost):
-            await read_data(reader, 0, LINE_LIMIT)
-
-    asyncio.run(run())
+    data = DataReader(100_000, LINE_LIMIT)
+    assert data.feed(b"a" * 2000) is None  # no CRLF: too long already
+    sizes = []
+    for _ in range(200):
+        assert data.feed(b"b" * 50_000 + b"\r\n") is None
+        sizes.append(len(data.buf))
+    assert max(sizes) <= 60_000
+    result, excess = data.feed(b"\r\n.\r\nNOOP\r\n")
+    assert (result.refused, result.wire, excess) == (TOO_LONG, None, b"NOOP\r\n")
 
 
 def test_stuffing_and_header_block() -> None:

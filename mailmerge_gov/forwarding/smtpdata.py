@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 from dataclasses import dataclass
 
@@ -17,7 +16,6 @@ from aiosmtpd.smtp import Envelope
 # lines refuses it too (552); which of the two comes first in the message decides the reply; after a
 # refusal the rest is read up to the end and dropped, so memory stays bounded by the limits.
 END = b"\r\n.\r\n"
-_READ_ALL = 1 << 30  # StreamReader.read(n) takes everything buffered up to n bytes; its buffer never holds 1 GB
 _STUFFED = re.compile(rb"(?:\A|(?<=\r\n))\.")  # the transparency dot of each line (lines end with CRLF only)
 _LINE_START_DOT = re.compile(rb"(?m)^\.")  # after normalise_line_endings every line ends with CRLF
 TOO_LONG = "too-long"
@@ -97,22 +95,6 @@ class DataReader:
         return None
 
 
-async def read_data(reader: asyncio.StreamReader, size_limit: int | None, line_limit: int) -> DataRead:
-    """Read up to and including the line "." from `reader`; bytes after it stay in the reader (pipelining)."""
-    data = DataReader(size_limit, line_limit)
-    while True:
-        chunk = await reader.read(_READ_ALL)
-        if not chunk:
-            raise DataLost("connection closed during DATA")
-        outcome = data.feed(chunk)
-        if outcome is not None:
-            read, excess = outcome
-            if excess:
-                # Everything buffered was read above, so feeding back puts these bytes first (the next command).
-                reader.feed_data(excess)
-            return read
-
-
 def _find_line_dot(buf: bytearray, start: int, stop: int) -> int:
     """Where the first CRLF and dot of buf[start:stop] starts, or -1 (buf.find(_LINE_DOT, start, stop))."""
     # Most of a large message is base64, with no dot at all: finding a dot is memchr, at memory speed, where
@@ -159,7 +141,7 @@ def _check(buf: bytearray, stop: int, scan: _Scan, size_limit: int, line_limit: 
                 scan.bare = True
         if 0 <= scan.dot_seen < position:
             scan.dots += buf.count(_LINE_DOT, start - 2, position)  # the CRLF before each line (buf starts with one)
-            scan.dot_seen = _find_line_dot(buf, position - 2, stop)  # the rest of what read_data searched
+            scan.dot_seen = _find_line_dot(buf, position - 2, stop)  # the rest of what feed() searched
     scan.checked = position
     if size_limit and scan.octets > size_limit:
         scan.refused = TOO_MUCH
