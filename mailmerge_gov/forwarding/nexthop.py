@@ -129,23 +129,17 @@ class NextHop:
         self.in_transaction = False
         return reply
 
-    async def data(self, message: bytes) -> HopReply:
-        """DATA and the message (aiosmtplib dot-stuffs it); after a refusal the transaction counts as still open."""
-        assert self.client is not None
-        reply = await self._run(self.client.data(message))
-        # A 2xx ends the transaction. A refusal may not: a next hop that refuses the DATA command itself keeps
-        # MAIL and RCPT (Postfix and smtp-sink then answer the next MAIL "503 5.5.1 Error: nested MAIL
-        # command", which the client would take as permanent), and aiosmtplib raises the same SMTPDataError
-        # for that as for a refusal after the final dot. So the next transaction starts with RSET, which is
-        # harmless when this one had ended. Without an answer _run has dropped the connection already.
-        self.in_transaction = not reply.positive and self.connected
-        return reply
-
     async def send(self, parts: Sequence[bytes | bytearray]) -> HopReply:
-        """DATA and a message already in wire form (dot-stuffed, CRLF line ends), given in parts to save copies."""
+        """DATA and a message already in wire form (dot-stuffed, CRLF line ends), given in parts to save copies;
+        after a refusal the transaction counts as still open."""
         assert self.client is not None
         reply = await self._run(self._send(self.client, parts))
-        self.in_transaction = not reply.positive and self.connected  # as in data()
+        # A 2xx ends the transaction. A refusal may not: a next hop that refuses the DATA command itself keeps
+        # MAIL and RCPT (Postfix and smtp-sink then answer the next MAIL "503 5.5.1 Error: nested MAIL
+        # command", which the client would take as permanent), and the same SMTPDataError comes for that as for
+        # a refusal after the final dot. So the next transaction starts with RSET, which is harmless when this
+        # one had ended. Without an answer _run has dropped the connection already.
+        self.in_transaction = not reply.positive and self.connected
         return reply
 
     async def _send(self, client: aiosmtplib.SMTP, parts: Sequence[bytes | bytearray]) -> aiosmtplib.SMTPResponse:
