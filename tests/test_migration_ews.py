@@ -862,6 +862,19 @@ def maildir_to_rewriting_ews(example_dir: Path, ews_new: EwsServer, tmp_path: Pa
     return job, (lambda: open_maildir(root, BOX)), (lambda: open_ews(new, "quangtq@hcm.gov.vn"))
 
 
+def test_copies_are_claimed_once_each_by_the_original_they_match() -> None:
+    from mailmerge_gov.migration.compare import Copies, Fingerprint
+
+    copies = Copies([(Fingerprint("a@x", 1000, "h1"), "t1"), (Fingerprint("b@x", 1000, "h2"), "t2"),
+                     (Fingerprint("a@x", 1000, "h1"), "t3"), (Fingerprint("a@x", 9000, "h1"), "t4"),
+                     (Fingerprint(None, 500, "h3"), "t5")])
+    originals = [Fingerprint("a@x", 900, "h1"), Fingerprint("a@x", 900, "h1"), Fingerprint("a@x", 900, "h1"),
+                 Fingerprint("a@x", 2500, "h1"), Fingerprint("b@x", 1000, "h9"), Fingerprint(None, 400, "h3"),
+                 Fingerprint("c@x", 500, "h3")]
+    # in order, each copy once; 9,000 bytes is out of the band of 900 (up to 3 x 900 + 4,096) but not of 2,500
+    assert [copies.claim(original) for original in originals] == ["t1", "t3", None, "t4", None, "t5", None]
+
+
 def test_verify_says_altered_by_the_server_and_still_finds_a_missing_message(example_dir: Path, ews_new: EwsServer,
                                                                              tmp_path: Path, state) -> None:
     job, source, sink = maildir_to_rewriting_ews(example_dir, ews_new, tmp_path)

@@ -20,6 +20,8 @@ import email.parser
 import email.policy
 import hashlib
 import re
+from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 # The copy may be this much smaller or larger than the original (see the module docstring).
@@ -41,6 +43,27 @@ class Fingerprint:
         """Whether copy is this message as a server rewrote it."""
         return (self.message_id == copy.message_id and self.content == copy.content
                 and self.size * SIZE_LOW <= copy.size <= self.size * SIZE_HIGH + SIZE_SLACK)
+
+
+class Copies:
+    """Copies found in a target, by fingerprint, each to be claimed by one original."""
+
+    def __init__(self, copies: Iterable[tuple[Fingerprint, str]]) -> None:
+        """Keep (fingerprint, target key) pairs, in their order."""
+        # by Message-ID and content hash, which a match needs equal: claiming is a lookup and a look at the few
+        # copies of that one message, not a pass over all (a folder of 50,000 would take 50,000 x 50,000)
+        self._by_content: dict[tuple[str | None, str], list[tuple[Fingerprint, str]]] = defaultdict(list)
+        for copy, key in copies:
+            self._by_content[(copy.message_id, copy.content)].append((copy, key))
+
+    def claim(self, original: Fingerprint) -> str | None:
+        """The key of the first copy that matches the original, which no later original can claim; None if none does."""
+        same = self._by_content.get((original.message_id, original.content), [])
+        for index, (copy, key) in enumerate(same):
+            if original.matches(copy):
+                del same[index]
+                return key
+        return None
 
 
 def fingerprint(raw: bytes) -> Fingerprint:

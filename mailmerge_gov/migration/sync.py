@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from mailmerge_gov.migration.compare import Fingerprint, fingerprint
+from mailmerge_gov.migration.compare import Copies, Fingerprint, fingerprint
 from mailmerge_gov.migration.folders import FolderMapping, FolderRules, map_folders
 from mailmerge_gov.migration.protocol import (ConnectionLost, ExportedFolder, ExportsNotMail, FolderStatus,
                                               MailboxError, MailStore, Message, MessageInfo, MessageRefused,
@@ -457,13 +457,14 @@ def _recover(job: MailboxJob, folder: str, uidvalidity: int, target_folder: str,
         # a server that rewrites MIME (Exchange) keeps no SHA-256: the original is read again and compared by
         # fingerprint, each landed copy claimed once
         originals = {m.info.key: fingerprint(m.raw) for m in source.fetch(folder, unmatched)}
+        copies = Copies(others)
         for index, row in enumerate(rows):
             original = originals.get(row.source_key)
             if row.state != "lost" or row.uidvalidity != uidvalidity or original is None:
                 continue
-            found = next((n for n, (copy, _) in enumerate(others) if original.matches(copy)), None)
-            if found is not None:
-                rows[index] = dataclasses.replace(_replace_state(row, "copied", others.pop(found)[1]), reason=ALTERED)
+            key = copies.claim(original)
+            if key is not None:
+                rows[index] = dataclasses.replace(_replace_state(row, "copied", key), reason=ALTERED)
     store.record_messages([r for r in rows if r.state == "copied"])
     lost = [r for r in rows if r.state == "lost"]
     if lost:
@@ -615,16 +616,13 @@ def _altered(source: MailStore, target: MailStore, target_folder: str, missing: 
              loose: Sequence[str]) -> list[tuple[str, str]]:
     """Which of the messages not found byte for byte are in the target as the server rewrote them (by fingerprint);
     each target message accounts for one source message."""
-    copies = [fingerprint(m.raw) for m in target.fetch(target_folder, list(loose))]
+    copies = Copies((fingerprint(m.raw), m.info.key) for m in target.fetch(target_folder, list(loose)))
     by_folder: dict[str, list[str]] = defaultdict(list)
     for folder, key in missing:
         by_folder[folder].append(key)
     found = []
     for folder, keys in by_folder.items():
         for message in source.fetch(folder, keys):
-            original = fingerprint(message.raw)
-            index = next((n for n, copy in enumerate(copies) if original.matches(copy)), None)
-            if index is not None:
-                copies.pop(index)
+            if copies.claim(fingerprint(message.raw)) is not None:
                 found.append((folder, message.info.key))
     return found
