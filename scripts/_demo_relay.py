@@ -104,9 +104,14 @@ def main() -> int:
                 print("    " + line.decode("ascii", "replace"))
     finally:
         relay.send_signal(signal.SIGTERM)
-        relay.wait(timeout=30)
-        controller.stop()
-        copy.unlink()
+        try:
+            relay.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            relay.kill()  # it did not drain in time: the demo must not leave it listening
+            relay.wait()
+        finally:
+            controller.stop()
+            copy.unlink()
     return 0
 
 

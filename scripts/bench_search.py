@@ -294,9 +294,9 @@ def write_config(folder: Path, ldif: Path, port: int) -> Path:
 
 def start_web(config: Path, folder: Path, port: int) -> subprocess.Popen[bytes]:
     """Start `directory serve` in a child process and wait (bounded) until the API answers."""
-    log = (folder / "serve.log").open("wb")
-    child = subprocess.Popen([sys.executable, "-m", "mailmerge_gov", "directory", "serve", "-c", str(config)],
-                             cwd=folder, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    with (folder / "serve.log").open("wb") as log:  # the child keeps its own copy of the file
+        child = subprocess.Popen([sys.executable, "-m", "mailmerge_gov", "directory", "serve", "-c", str(config)],
+                                 cwd=folder, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         if child.poll() is not None:

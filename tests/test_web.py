@@ -599,6 +599,18 @@ def test_failed_logins_are_throttled(login_client: TestClient) -> None:
     assert "mobile" not in login_client.get("/api/people/annv7").json()
 
 
+def test_the_throttle_keeps_only_keys_that_failed() -> None:
+    from mailmerge_gov.web.auth import Throttle
+
+    throttle = Throttle(limit=2)
+    assert [throttle.blocked(f"ip:10.0.0.{n}", f"user:u{n}") for n in range(1000)] == [False] * 1000
+    throttle.failed("ip:10.0.0.1", "user:u1")
+    throttle.failed("ip:10.0.0.1", "user:u2")
+    assert (throttle.blocked("ip:10.0.0.1"), throttle.blocked("user:u1"), throttle.blocked("ip:10.0.0.2")) == (
+        True, False, False)
+    assert sorted(throttle._failures) == ["ip:10.0.0.1", "user:u1", "user:u2"]  # noqa: SLF001  no entry per visitor
+
+
 def test_the_password_is_never_logged(login_client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
     import logging
 

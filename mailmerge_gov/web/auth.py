@@ -87,7 +87,8 @@ class Throttle:
         """Whether any key has failed too often lately."""
         now = time.monotonic()
         with self._lock:
-            return any(len(self._recent(key, now)) >= self.limit for key in keys)
+            # only keys that failed before: asking about a key must not add it (each visitor's address would)
+            return any(len(self._recent(key, now)) >= self.limit for key in keys if key in self._failures)
 
     def failed(self, *keys: str) -> None:
         """Count one failure against every key."""
