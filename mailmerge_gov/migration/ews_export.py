@@ -23,6 +23,8 @@ from exchangelib.folders import Folder, FolderCollection
 from exchangelib.items import ID_ONLY
 from exchangelib.restriction import Q
 
+from mailmerge_gov.contentline import escape_text, fold
+
 log = logging.getLogger(__name__)
 
 # Folder classes (PR_CONTAINER_CLASS) exported, and the kind of file each becomes.
@@ -106,7 +108,7 @@ def _unwrap(content: bytes | str | None, wanted: str) -> str | None:
 def _refold(text: str) -> str:
     """Content lines unfolded and folded again at 75 octets with CRLF line ends (RFC 5545 3.1, RFC 6350 3.2):
     a server that folds by characters gives longer lines for Vietnamese text."""
-    return "".join(_fold(_unfold(logical)) for logical in _logical_lines(text))
+    return "".join(fold(_unfold(logical)) for logical in _logical_lines(text))
 
 
 def _unfold(logical: list[str]) -> str:
@@ -161,7 +163,7 @@ def _calendar(calendars: Iterable[str], todos: Iterable[str] = ()) -> str:
     out = ["BEGIN:VCALENDAR", "VERSION:2.0", f"PRODID:{PRODID}", "METHOD:PUBLISH"]
     for lines in list(zones.values()) + events:
         out.extend(lines)
-    return "".join(_fold(line) for line in out) + "".join(todos) + "END:VCALENDAR\r\n"
+    return "".join(fold(line) for line in out) + "".join(todos) + "END:VCALENDAR\r\n"
 
 
 def _vtodo(task: Any) -> str:
@@ -170,9 +172,9 @@ def _vtodo(task: Any) -> str:
     created = getattr(task, "datetime_created", None)
     stamp = created if created is not None else dt.datetime.now(dt.timezone.utc)
     lines.append(f"DTSTAMP:{_utc(stamp)}")
-    lines.append(f"SUMMARY:{_text(task.subject or '')}")
+    lines.append(f"SUMMARY:{escape_text(task.subject or '')}")
     if getattr(task, "body", None):
-        lines.append(f"DESCRIPTION:{_text(str(task.body))}")
+        lines.append(f"DESCRIPTION:{escape_text(str(task.body))}")
     for prop, value in (("DTSTART", task.start_date), ("DUE", task.due_date)):
         if value is not None:
             lines.append(f"{prop};VALUE=DATE:{value.strftime('%Y%m%d')}")
@@ -185,9 +187,9 @@ def _vtodo(task: Any) -> str:
     if task.importance in _PRIORITY:
         lines.append(f"PRIORITY:{_PRIORITY[task.importance]}")
     if task.categories:
-        lines.append("CATEGORIES:" + ",".join(_text(c) for c in task.categories))
+        lines.append("CATEGORIES:" + ",".join(escape_text(c) for c in task.categories))
     lines.append("END:VTODO")
-    return "".join(_fold(line) for line in lines)
+    return "".join(fold(line) for line in lines)
 
 
 def _uid(item_id: str) -> str:
@@ -198,28 +200,6 @@ def _uid(item_id: str) -> str:
 def _utc(when: dt.datetime) -> str:
     """A UTC DATE-TIME (exchangelib's EWSDateTime converts only to its own time zones: go by the timestamp)."""
     return dt.datetime.fromtimestamp(when.timestamp(), dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-
-
-def _text(value: str) -> str:
-    """An iCalendar TEXT value (RFC 5545 3.3.11): backslash, semicolon, comma and line ends escaped."""
-    return (value.replace("\\", "\\\\").replace(";", "\\;").replace(",", "\\,").replace("\r\n", "\\n")
-            .replace("\n", "\\n"))
-
-
-def _fold(line: str) -> str:
-    """A content line folded at 75 octets (RFC 5545 3.1), never inside a UTF-8 character, with CRLF."""
-    data = line.encode("utf-8")
-    out: list[bytes] = []
-    limit = 75
-    while len(data) > limit:
-        cut = limit
-        while cut > 0 and (data[cut] & 0xC0) == 0x80:  # a continuation byte: cut before its character
-            cut -= 1
-        out.append(data[:cut])
-        data = data[cut:]
-        limit = 74  # the leading space of a continuation line counts
-    out.append(data)
-    return "\r\n ".join(part.decode("utf-8") for part in out) + "\r\n"
 
 
 __all__ = ["ExportText", "KINDS", "SUFFIXES", "export_folder", "folder_kind"]

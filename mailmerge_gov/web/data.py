@@ -10,6 +10,7 @@ from typing import Collection
 
 import segno
 
+from mailmerge_gov.contentline import escape_text, fold
 from mailmerge_gov.directory.search import Person, person_from_row, person_json, reading, search
 
 MAX_ADDRESS = 320  # RFC 3696: no mail address is longer
@@ -146,47 +147,27 @@ def lookup(index: Path, address: str, fields: Collection[str] | None = None) -> 
     return Lookup(address, official, current)
 
 
-def _escape(value: str) -> str:
-    """A vCard 3.0 text value (RFC 2426 section 4): backslash, comma, semicolon and newlines escaped."""
-    return (value.replace("\\", "\\\\").replace(",", "\\,").replace(";", "\\;")
-            .replace("\r\n", "\\n").replace("\n", "\\n").replace("\r", "\\n"))
-
-
-def _fold(line: str) -> str:
-    """Fold a content line at 75 octets, never inside a UTF-8 character (RFC 2425 section 5.8.1)."""
-    parts, current, size = [], "", 0
-    for char in line:
-        width = len(char.encode("utf-8"))
-        if size + width > 75:
-            parts.append(current)
-            current, size = " ", 1
-        current += char
-        size += width
-    parts.append(current)
-    return "\r\n".join(parts)
-
-
 def vcard(official: Person) -> str:
     """The official's contact card, vCard 3.0 (RFC 2426), CRLF lines."""
     words = official.full_name.split()
     # a Vietnamese name is family name first, given name last, middle names between
     family, given, middle = (words[0], words[-1], " ".join(words[1:-1])) if len(words) > 1 else ("", official.full_name, "")
     lines = ["BEGIN:VCARD", "VERSION:3.0",
-             f"N:{_escape(family)};{_escape(given)};{_escape(middle)};;",
-             f"FN:{_escape(official.full_name)}"]
+             f"N:{escape_text(family)};{escape_text(given)};{escape_text(middle)};;",
+             f"FN:{escape_text(official.full_name)}"]
     if official.unit_path:
-        lines.append("ORG:" + ";".join(_escape(name) for name in official.unit_path))
+        lines.append("ORG:" + ";".join(escape_text(name) for name in official.unit_path))
     if official.title:
-        lines.append(f"TITLE:{_escape(official.title)}")
+        lines.append(f"TITLE:{escape_text(official.title)}")
     if official.mail:
-        lines.append(f"EMAIL;TYPE=INTERNET,PREF:{_escape(official.mail)}")
-    lines += [f"TEL;TYPE=WORK,VOICE:{_escape(phone)}" for phone in official.phones]
-    lines += [f"TEL;TYPE=CELL,VOICE:{_escape(phone)}" for phone in official.mobile]
+        lines.append(f"EMAIL;TYPE=INTERNET,PREF:{escape_text(official.mail)}")
+    lines += [f"TEL;TYPE=WORK,VOICE:{escape_text(phone)}" for phone in official.phones]
+    lines += [f"TEL;TYPE=CELL,VOICE:{escape_text(phone)}" for phone in official.mobile]
     formerly = official.old_addresses + official.old_units
     if formerly:
-        lines.append("NOTE:" + _escape(", ".join(formerly)))
-    lines += [f"UID:{_escape(official.uid)}", "END:VCARD"]
-    return "".join(_fold(line) + "\r\n" for line in lines)
+        lines.append("NOTE:" + escape_text(", ".join(formerly)))
+    lines += [f"UID:{escape_text(official.uid)}", "END:VCARD"]
+    return "".join(fold(line) for line in lines)
 
 
 def qr_svg(text: str) -> str:
