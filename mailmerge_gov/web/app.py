@@ -245,7 +245,7 @@ def create_app(index: Path, *, settings: WebConfig | None = None, directory: Lda
         visible = fields(request)
         # Units and counts only; each unit's officials are on a page of their own (units_members_page).
         # Without the unit field, who works where is private: no links to those pages then.
-        return page(request, "units.html", units=unit_tree(index, with_people=False), visible=visible)
+        return page(request, "units.html", units=unit_tree(index), visible=visible)
 
     async def unit_page(request: Request) -> Response:
         visible = fields(request)
@@ -324,7 +324,7 @@ def create_app(index: Path, *, settings: WebConfig | None = None, directory: Lda
         return JSONResponse(person_json(official(request), fields(request)))
 
     async def api_units(request: Request) -> Response:
-        return JSONResponse({"units": [unit.as_json() for unit in unit_tree(index, with_people=False)]})
+        return JSONResponse({"units": [unit.as_json() for unit in unit_tree(index)]})
 
     async def api_lookup(request: Request) -> Response:
         visible = fields(request)

@@ -48,14 +48,13 @@ def person(index: Path, uid: str) -> Person | None:
 
 @dataclass
 class Unit:
-    """One unit of the tree: its officials directly, and its sub-units."""
+    """One unit of the tree: how many officials it has directly, and its sub-units (unit_members reads the officials)."""
 
     name: str
     path: tuple[str, ...]
     code: str = ""
-    people: list[Person] = field(default_factory=list)
     children: dict[str, "Unit"] = field(default_factory=dict)
-    members: int = 0  # officials directly in the unit (also when `people` was not read)
+    members: int = 0  # officials directly in the unit
 
     @property
     def total(self) -> int:
@@ -68,13 +67,12 @@ class Unit:
                 "total": self.total, "children": [child.as_json() for child in self.children.values()]}
 
 
-def unit_tree(index: Path, with_people: bool = True) -> list[Unit]:
+def unit_tree(index: Path) -> list[Unit]:
     """The units of the new organisation as its directory's OUs nest them, empty units too, sisters in name order."""
     with reading(index) as db:
         units = db.execute("SELECT code, name, parent, members FROM units ORDER BY position").fetchall()
         # officials whose unit is not among the OUs (the count the units table cannot have)
         unplaced = db.execute("SELECT count(*) FROM people WHERE unit_code NOT IN (SELECT code FROM units)").fetchone()[0]
-        people = [person_from_row(row) for row in db.execute("SELECT * FROM people ORDER BY id")] if with_people else []
     parents = {code: parent for code, _, parent, _ in units}
     names = {code: name for code, name, _, _ in units}
 
@@ -92,13 +90,8 @@ def unit_tree(index: Path, with_people: bool = True) -> list[Unit]:
             nodes[parent].children[code] = nodes[code]
         else:
             roots.append(nodes[code])
-    placed = {official.uid for official in people if official.unit_code in nodes}
-    for official in people:
-        if official.unit_code in nodes:
-            nodes[official.unit_code].people.append(official)
     if unplaced:
-        roots.append(Unit("", (), "", [official for official in people if official.uid not in placed],
-                          members=unplaced))
+        roots.append(Unit("", (), "", members=unplaced))
     return roots
 
 
@@ -106,7 +99,7 @@ def unit_members(index: Path, code: str) -> tuple[Unit, list[Person]] | None:
     """A unit of the tree (its sub-units with counts) and its own officials; "" is the officials in no unit."""
     # One unit's officials at a time: the tree of a 100,000-official city with every name in it would be a page
     # of megabytes that a phone never finishes drawing.
-    pending = unit_tree(index, with_people=False)
+    pending = unit_tree(index)
     node = None
     while pending and node is None:
         unit = pending.pop()
