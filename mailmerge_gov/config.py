@@ -633,6 +633,13 @@ def _read_web(table: _Table) -> WebConfig:
     return web
 
 
+def is_local_path(value: str) -> bool:
+    """Whether a redirect target is a path of this site: "//host", "/\\host" and control characters are not."""
+    # browsers take "//evil.example" and "/\\evil.example" as other sites: an open redirect would let anyone send
+    # people anywhere under the site's name
+    return value.startswith("/") and not value.startswith("//") and "\\" not in value and all(c >= " " for c in value)
+
+
 def _read_redirect(table: _Table) -> WebRedirect:
     """Read one [[web.redirects]]: an old URL (`from`) and a new page (`to`) or an old address (`address`)."""
     old = table.text("from", required=True)
@@ -644,7 +651,7 @@ def _read_redirect(table: _Table) -> WebRedirect:
     names = re.findall(r"\{([^{}]*)\}", value)
     if any(not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]*", name) for name in names):
         raise table.error(target, f"'{value}': a placeholder is a query parameter's name, like {{uid}}")
-    if target == "to" and (not value.startswith("/") or value.startswith("//") or "\\" in value):
+    if target == "to" and not is_local_path(value):
         # a path of this site only: an open redirect would let anyone send people anywhere under our name
         raise table.error("to", f"'{value}' is not a path of this site (it starts with one /, like /people/{{uid}})")
     if target == "address" and value.count("@") != 1:

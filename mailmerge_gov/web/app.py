@@ -29,7 +29,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mailmerge_gov.config import WEB_FIELDS, Config, LdapServer, SecretError, WebConfig
+from mailmerge_gov.config import WEB_FIELDS, Config, LdapServer, SecretError, WebConfig, is_local_path
 from mailmerge_gov.directory.search import Person, SearchError, index_path, search
 from mailmerge_gov.web import catalogue
 from mailmerge_gov.web.auth import LoginUnavailable, Throttle, authenticate
@@ -112,9 +112,7 @@ async def _read_form(request: Request) -> dict[str, str]:
 
 def _local_path(value: str) -> str:
     """`value` if it is a path of this site, else "/": the login's `next` must not send people elsewhere."""
-    if not value.startswith("/") or value.startswith("//") or "\\" in value or any(c < " " for c in value):
-        return "/"
-    return value
+    return value if is_local_path(value) else "/"
 
 
 def app_from_config(config: Config) -> Starlette:
