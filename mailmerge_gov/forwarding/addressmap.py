@@ -91,8 +91,7 @@ class AddressMap:
         entry = self.entries.get(normalise(mailbox))
         if entry is None:
             return Verdict(Outcome.UNKNOWN, address, reason="not in the address map")
-        outcome = Outcome.FORWARD if today <= entry.valid_until else Outcome.MOVED
-        return Verdict(outcome, address, entry.new_address, entry.valid_until)
+        return _verdict(entry, address, today)
 
     def _postmaster(self, address: str, today: dt.date) -> Verdict:
         """<postmaster> with no domain: the postmaster of the first old domain (by name) that the map has."""
@@ -101,13 +100,18 @@ class AddressMap:
         for domain in sorted(self.old_domains):
             entry = self.entries.get(f"postmaster@{domain}")
             if entry is not None:
-                outcome = Outcome.FORWARD if today <= entry.valid_until else Outcome.MOVED
-                return Verdict(outcome, address, entry.new_address, entry.valid_until)
+                return _verdict(entry, address, today)
         return Verdict(Outcome.UNKNOWN, address, reason="no postmaster@ of an old domain in the address map")
 
     def old_addresses_of(self, new_address: str) -> tuple[str, ...]:
         """The old addresses that forward to a new address."""
         return self._by_new.get(new_address.lower(), ())
+
+
+def _verdict(entry: MapEntry, address: str, today: dt.date) -> Verdict:
+    """Forward to the entry's new address until its last day, then moved there."""
+    outcome = Outcome.FORWARD if today <= entry.valid_until else Outcome.MOVED
+    return Verdict(outcome, address, entry.new_address, entry.valid_until)
 
 
 def load_map(path: Path, old_domains: Iterable[str] = ()) -> AddressMap:
