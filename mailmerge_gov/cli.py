@@ -132,7 +132,7 @@ def directory_plan(config_path: Path) -> None:
     with opened(config) as store, collector_paused():
         plan = make_plan(config, store)
         header = store.plan(plan.id)
-        files = write_report(plan, config, reports_folder(config), header.created_at, header.actor)
+        files = write_report(plan, config, config.reports_folder, header.created_at, header.actor)
     summary = plan.summary
     records = sum(summary["sources"].values())
     click.echo(f"plan {plan.id}: {records} records from {len(summary['sources'])} sources -> "
@@ -144,11 +144,6 @@ def directory_plan(config_path: Path) -> None:
     click.echo(f"report: {files.html}")
     click.echo(f"        {files.people_csv}")
     click.echo(f"        {files.issues_csv}")
-
-
-def reports_folder(config: Config) -> Path:
-    """Folder where reports are written: beside the state file."""
-    return config.state_file.parent / "reports"
 
 
 @directory.command("review")
@@ -209,7 +204,7 @@ def directory_access_review(config_path: Path) -> None:
     with opened(config) as store:
         plan = load_plan(config, store)
         rows = memberships(plan.people, plan.groups, plan.structure, config, store.signoffs())
-    html, table = write_access_report(plan, rows, config, reports_folder(config), str(config_path))
+    html, table = write_access_report(plan, rows, config, config.reports_folder, str(config_path))
     carried = sum(m.carried for m in rows)
     waiting = [m for m in rows if m.new_group and m.privileged and not m.carried]
     unmapped = sum(m.new_group is None for m in rows)
@@ -541,7 +536,7 @@ def mailbox_migrate(config_path: Path, jobs_file: Path | None, only: tuple[str, 
     if not dry_run:
         with opened(config) as store:
             reports = mailbox_reports(store, jobs, outcomes)
-            html, data = write_migration_report(reports, reports_folder(config), "mailbox-migration", config.name)
+            html, data = write_migration_report(reports, config.reports_folder, "mailbox-migration", config.name)
         for waits in server_waits(reports):
             click.echo(f"throttled by {waits.server}: waited {waits.waits} times, {waits.seconds:.1f} s in all")
         click.echo(f"report: {html}\n        {data}")
@@ -589,7 +584,7 @@ def mailbox_verify(config_path: Path, jobs_file: Path | None, only: tuple[str, .
     except (MailboxError, *LIBRARY_ERRORS) as exc:
         raise click.ClickException(str(exc)) from exc
     with opened(config) as store:
-        html, data = write_migration_report(mailbox_reports(store, jobs, checks=checks), reports_folder(config),
+        html, data = write_migration_report(mailbox_reports(store, jobs, checks=checks), config.reports_folder,
                                             "mailbox-verify", config.name)
         forgotten = sum(forget_missing(check, store) for check in checks) if repair else 0
     bad = sum(not c.ok for c in checks)

@@ -360,6 +360,11 @@ class Config:
         """The folder relative paths in the file are resolved against."""
         return self.path.parent
 
+    @property
+    def reports_folder(self) -> Path:
+        """Where reports (and the Exchange exports) are written: beside the state file."""
+        return self.state_file.parent / "reports"
+
     def source(self, name: str) -> Source:
         """Return the source with this name; KeyError if there is none."""
         for source in self.sources:

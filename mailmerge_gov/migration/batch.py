@@ -73,7 +73,7 @@ def folder_rules(config: Config, source: str) -> FolderRules:
 
 def exports_folder(config: Config, job: MailboxJob) -> Path:
     """Where a job's calendar, contact and task folders are exported: beside the reports, per source and mailbox."""
-    return config.state_file.parent / "reports" / "exports" / job.source / job.mailbox
+    return config.reports_folder / "exports" / job.source / job.mailbox
 
 
 def _server_key(server: MailServer) -> str:
