@@ -677,6 +677,29 @@ def test_https_cookies_are_secure_and_host_bound(web_index: Path) -> None:
     assert "httponly; samesite=lax; secure" in cookie
 
 
+@pytest.mark.parametrize(("web", "warned"), [
+    ({"public_url": "https://danhba.hcm.gov.vn"}, True),
+    ({"public_url": "https://danhba.hcm.gov.vn", "trusted_proxies": ("10.0.0.5",)}, False),
+    ({}, False),  # on loopback, not published
+])
+def test_a_published_site_without_its_proxy_is_warned_of(web_ldap, web: dict, warned: bool,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
+    from mailmerge_gov.config import load_config
+    from mailmerge_gov.web.app import login_setup
+
+    _, config_path = web_ldap
+    secret = config_path.parent / "web-secret"
+    secret.write_text(SECRET + "\n")
+    secret.chmod(0o600)
+    config = load_config(config_path)
+    config = dataclasses.replace(config, web=dataclasses.replace(config.web, session_secret=Secret(file=secret), **web))
+    with caplog.at_level("WARNING", logger="mailmerge_gov.web"):
+        login_setup(config)
+    assert [r.getMessage() for r in caplog.records if "trusted_proxies" in r.getMessage()] == (
+        ["[web] public_url is set but trusted_proxies is empty: name the reverse proxy in trusted_proxies, or the "
+         "login throttle counts every visitor as the proxy"] if warned else [])
+
+
 def test_a_short_session_secret_is_refused(web_index: Path) -> None:
     from mailmerge_gov.web import WebSetupError
 

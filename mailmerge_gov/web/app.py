@@ -142,6 +142,11 @@ def login_setup(config: Config) -> tuple[LdapServer | None, str | None]:
             raise WebSetupError(f"the session secret has {len(secret)} characters; it needs at least {MIN_SECRET}")
         if not (directory.use_ssl or directory.starttls) and directory.host not in ("127.0.0.1", "::1", "localhost"):
             log.warning("officials' passwords go to %s without TLS: use ldaps:// or starttls = true", directory.url)
+        if settings.public_url and not settings.trusted_proxies:
+            # Published behind a reverse proxy, every visitor would seem to come from the proxy's address: a few
+            # wrong passwords from anyone would then hold up the logins of everybody (the throttle is per address).
+            log.warning("[web] public_url is set but trusted_proxies is empty: name the reverse proxy in "
+                        "trusted_proxies, or the login throttle counts every visitor as the proxy")
     return directory, secret
 
 
